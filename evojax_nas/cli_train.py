@@ -1,0 +1,115 @@
+"""`evojax-nas train`: train one individual from a DNA file and print its fitness and costs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from importlib import resources
+
+import jax
+
+from evojax_nas import dna as dna_lib
+from evojax_nas.data import DATASETS, load_dataset
+from evojax_nas.errors import ConfigError
+from evojax_nas.model import init_variables
+from evojax_nas.train import CompileCache, TrainConfig, train_and_evaluate
+
+SAMPLES = ("small_conv",)
+
+
+def read_dna(spec: str) -> dna_lib.DNA:
+    """`initial`, the name of a shipped sample (`small_conv`), or a path to a DNA JSON file."""
+    if spec == "initial":
+        return dna_lib.initial_dna()
+    if spec in SAMPLES:
+        text = resources.files("evojax_nas.samples").joinpath(f"{spec}.json").read_text()
+        return dna_lib.from_json(text)
+    return dna_lib.load(spec)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("train", help="train one individual from a DNA and print its fitness")
+    p.add_argument(
+        "--dna",
+        required=True,
+        help="DNA JSON file, 'initial' (the paper's start) or a sample: " + ", ".join(SAMPLES),
+    )
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
+    p.add_argument("--batch-size", type=positive_int, default=50)
+    p.add_argument(
+        "--dataset",
+        default="mnist5k",
+        help=f"one of {', '.join(DATASETS)}, or npz:PATH (default mnist5k)",
+    )
+    p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir (CIFAR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-rate", type=float, default=None, help="override the DNA's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir)
+    dna = read_dna(args.dna)
+    dna = dna_lib.for_data(dna, dataset.image_shape[-1], dataset.num_classes)
+    if args.learning_rate is not None:
+        if not args.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}")
+        dna = dna_lib.validate(dna.replace(learning_rate=args.learning_rate))
+    t_data = time.perf_counter()
+    key = jax.random.PRNGKey(args.seed)
+    variables = init_variables(dna, jax.random.fold_in(key, 0))
+    t_init = time.perf_counter()
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size)
+    result = train_and_evaluate(
+        dna, variables, dataset, jax.random.fold_in(key, 1), config, CompileCache()
+    )
+    timings = {"data": t_data - start, "init": t_init - t_data, **result.timings}
+    summary = {
+        "architecture": dna_lib.describe(dna),
+        "architecture_key": dna_lib.architecture_key(dna),
+        "dataset": dataset.name,
+        "learning_rate": dna.learning_rate,
+        "steps": result.steps_run,
+        "val_accuracy": result.val_accuracy,
+        "diverged": result.diverged,
+        "params": result.param_count,
+        "flops_train_step": result.flops_train_step,
+        "flops_eval_batch": result.flops_eval_batch,
+        "flops": result.flops,
+        "seconds": timings,
+        "seconds_per_step": result.timings["train"] / max(result.steps_run, 1),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"architecture    {summary['architecture']}")
+    print(
+        f"dataset         {dataset.name} ({dataset.x_train.shape[0]} train, "
+        f"{dataset.x_val.shape[0]} validation)"
+    )
+    status = "  DIVERGED (non-finite loss): fitness 0" if result.diverged else ""
+    print(f"val accuracy    {result.val_accuracy:.4f} after {result.steps_run} steps{status}")
+    print(f"parameters      {result.param_count:,}")
+    print(
+        f"FLOPs           {result.flops:.3e} (train step {result.flops_train_step:.3e}, "
+        f"eval batch {result.flops_eval_batch:.3e})"
+    )
+    print(
+        "wall time       "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
+        + f"  ({summary['seconds_per_step'] * 1e3:.1f} ms/step)"
+    )
+    return 0

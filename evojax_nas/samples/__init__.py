@@ -1,0 +1,1 @@
+"""Sample DNAs shipped with the package."""
