@@ -1,0 +1,128 @@
+"""`evojax-nas evolve`, `worker` and `status`: run, join and inspect an evolution."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from evojax_nas.cli_train import positive_int
+from evojax_nas.config import SELECTIONS, load_config, with_overrides
+from evojax_nas.data import DATASETS
+
+DEFAULT_OUT = "runs/evolve-{time}"
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("evolve", help="run an evolution (default: the quick job on MNIST)")
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help="the run's store: a directory or gs://bucket/prefix (default runs/evolve-<time>)",
+    )
+    p.add_argument("--config", default="quick", help="quick (default), paper, or a JSON file")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", help="tensorflow-datasets data_dir for CIFAR (may be gs://)")
+    p.add_argument("--population", type=positive_int, help="population set-point")
+    p.add_argument("--workers", type=positive_int, help="local worker processes")
+    p.add_argument("--steps", type=positive_int, help="training steps per individual")
+    p.add_argument("--max-children", type=int, help="stop after this many children in all")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--selection", choices=SELECTIONS)
+    p.add_argument(
+        "--no-inheritance",
+        action="store_true",
+        help="the paper's control: children do not inherit weights",
+    )
+    p.set_defaults(handler=run_evolve)
+
+    w = sub.add_parser("worker", help="join an existing run as one more worker")
+    w.add_argument("store", help="the run's store (directory or gs://bucket/prefix)")
+    w.add_argument("--max-children", type=positive_int, default=None)
+    w.add_argument("--max-minutes", type=float, default=None)
+    w.set_defaults(handler=run_join)
+
+    s = sub.add_parser("status", help="the state of a run, live or finished")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(handler=run_status_cmd)
+
+
+def run_evolve(args: argparse.Namespace) -> int:
+    from evojax_nas.runner import evolve
+
+    cfg = with_overrides(
+        load_config(args.config),
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        population=args.population,
+        workers=args.workers,
+        steps=args.steps,
+        max_children=args.max_children,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        selection=args.selection,
+        inheritance=False if args.no_inheritance else None,
+    )
+    out = args.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+    print(
+        f"run {out}: {cfg.selection} selection, population {cfg.population}, "
+        f"{cfg.workers} workers, {cfg.steps} steps/child, dataset {cfg.dataset}"
+        f"{'' if cfg.inheritance else ', no weight inheritance'}",
+        flush=True,
+    )
+    try:
+        progress = evolve(out, cfg, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print(
+            f"stopped. The run is kept: `evojax-nas status {out}`; continue it with "
+            f"`evojax-nas worker {out}`."
+        )
+        return 130
+    print(
+        f"done: {progress.children} children, best validation accuracy {progress.best:.4f} "
+        f"({progress.best_id}). Next: `evojax-nas status {out}`, `evojax-nas report {out}`."
+    )
+    return 0
+
+
+def run_join(args: argparse.Namespace) -> int:
+    from evojax_nas.runner import claim_worker_id, create_or_join, worker_main
+    from evojax_nas.store import open_store
+
+    store = open_store(args.store, create=False)
+    create_or_join(store, None)
+    wid = claim_worker_id(store)
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    print(f"worker {wid} joined {args.store}", flush=True)
+    children = worker_main(args.store, wid, args.max_children, deadline, verbose=args.verbose)
+    print(f"worker {wid} trained {children} children")
+    return 0
+
+
+def run_status_cmd(args: argparse.Namespace) -> int:
+    from evojax_nas.runner import run_status
+    from evojax_nas.store import open_store
+
+    status = run_status(open_store(args.store, create=False))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    best = status["best_val_accuracy"]
+    print(f"run               {status['store']}")
+    print(f"population        {status['population']} (set-point {status['set_point']})")
+    print(
+        f"trained           {status['individuals_trained']} individuals, "
+        f"{status['total_flops']:.3e} FLOPs"
+    )
+    print(
+        "best (validation) "
+        + (f"{best:.4f} {status['best_id']}" if best is not None else "none yet")
+    )
+    if status["best_architecture"]:
+        print(f"  architecture    {status['best_architecture']}")
+    rate = status["children_per_minute_overall"]
+    print(f"children/min      {rate:.2f} overall" if rate else "children/min      n/a")
+    print(f"workers seen      {status['workers_seen_recently']} in the last 5 minutes")
+    return 0

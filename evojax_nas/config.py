@@ -1,0 +1,146 @@
+"""Run configurations: the `quick` default, the `paper` settings, or a user's JSON file.
+
+A config is a flat JSON object; a run stores the config it used in its store (`config.json`),
+so a worker joining the run needs only the store's address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from importlib import resources
+from typing import Any
+
+from evojax_nas.errors import ConfigError
+from evojax_nas.mutations import MUTATIONS
+
+SELECTIONS = ("tournament", "random", "aging")
+BUILTIN = ("quick", "paper")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolutionConfig:
+    """Everything that decides what a run does. Field comments give the paper's values."""
+
+    dataset: str = "mnist5k"  # paper: cifar10
+    data_dir: str | None = None
+    population: int = 20  # set-point; paper: 1,000
+    workers: int = 2  # local worker processes started by `evolve`; paper: population / 4
+    steps: int = 200  # training steps per individual; paper: 25,600
+    batch_size: int = 50  # paper: 50
+    eval_batch_size: int = 250
+    momentum: float = 0.9  # paper: 0.9
+    weight_decay: float = 1e-4  # paper: 1e-4
+    initial_learning_rate: float = 0.1  # paper: 0.1
+    selection: str = "tournament"  # tournament (paper) | random (control) | aging
+    aging_sample: int = 5  # aging: the parent is the best of this many random individuals
+    inheritance: bool = True  # False: the paper's no-weight-inheritance control
+    mutations_per_child: int = 1
+    mutation_weights: dict[str, float] | None = None  # None: all eleven, uniform (paper)
+    max_children: int | None = 60  # children trained in all, across workers; None: no limit
+    max_minutes: float | None = None
+    seed: int = 0
+    gc_grace_seconds: float = 600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: EvolutionConfig) -> EvolutionConfig:
+    """Raises ConfigError naming the first bad field."""
+    for name in (
+        "population",
+        "workers",
+        "steps",
+        "batch_size",
+        "eval_batch_size",
+        "aging_sample",
+        "mutations_per_child",
+    ):
+        value = getattr(cfg, name)
+        _check(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"config field {name!r} must be a positive integer, got {value!r}",
+        )
+    _check(cfg.population >= 2, f"population must be at least 2, got {cfg.population}")
+    for name in ("momentum", "weight_decay", "initial_learning_rate", "gc_grace_seconds"):
+        value = getattr(cfg, name)
+        _check(
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value >= 0,
+            f"config field {name!r} must be a finite number >= 0, got {value!r}",
+        )
+    _check(cfg.initial_learning_rate > 0, "initial_learning_rate must be > 0")
+    _check(
+        cfg.selection in SELECTIONS,
+        f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}",
+    )
+    _check(isinstance(cfg.inheritance, bool), "inheritance must be true or false")
+    _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed must be an int")
+    if cfg.max_children is not None:
+        _check(
+            isinstance(cfg.max_children, int) and cfg.max_children >= 0,
+            f"max_children must be a non-negative integer or null, got {cfg.max_children!r}",
+        )
+    if cfg.max_minutes is not None:
+        _check(
+            isinstance(cfg.max_minutes, (int, float)) and cfg.max_minutes > 0,
+            f"max_minutes must be > 0 or null, got {cfg.max_minutes!r}",
+        )
+    if cfg.mutation_weights is not None:
+        _check(isinstance(cfg.mutation_weights, dict), "mutation_weights must be an object")
+        unknown = set(cfg.mutation_weights) - set(MUTATIONS)
+        _check(
+            not unknown,
+            f"unknown mutations in mutation_weights: {sorted(unknown)}; "
+            f"valid: {', '.join(MUTATIONS)}",
+        )
+        _check(
+            all(
+                isinstance(w, (int, float)) and w >= 0 and math.isfinite(w)
+                for w in cfg.mutation_weights.values()
+            ),
+            "mutation_weights must be finite numbers >= 0",
+        )
+        _check(sum(cfg.mutation_weights.values()) > 0, "mutation_weights are all zero")
+    return cfg
+
+
+def from_dict(data: Any) -> EvolutionConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(EvolutionConfig)}
+    unknown = sorted(set(data) - names - {"_doc"})
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; valid: {sorted(names)}")
+    return validate_config(EvolutionConfig(**{k: v for k, v in data.items() if k in names}))
+
+
+def load_config(spec: str) -> EvolutionConfig:
+    """`quick`, `paper`, or the path of a JSON file (copy a built-in one to start)."""
+    if spec in BUILTIN:
+        text = resources.files("evojax_nas.configs").joinpath(f"{spec}.json").read_text()
+        return from_dict(json.loads(text))
+    if not os.path.exists(spec):
+        raise ConfigError(f"no config {spec!r}: use {' or '.join(BUILTIN)} or a JSON file path")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read config {spec}: {exc}") from None
+    return from_dict(data)
+
+
+def with_overrides(cfg: EvolutionConfig, **overrides: Any) -> EvolutionConfig:
+    """The config with every non-None override applied, validated."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return validate_config(dataclasses.replace(cfg, **changes))

@@ -1,0 +1,1 @@
+"""Built-in run configurations (JSON files): copy one to start your own."""

@@ -1,0 +1,89 @@
+"""The GCS backend's whole-history operations: `records()` and `gc()`.
+
+Both list the `dead/` markers, whose number grows with the run: they are for reports and
+periodic maintenance, not for the per-step path of the worker loop.
+"""
+
+import datetime
+import logging
+import time
+
+from evojax_nas.errors import ConcurrencyError, CorruptObjectError, StoreError
+from evojax_nas.store import _validate
+
+log = logging.getLogger(__name__)
+
+_DEAD_FIELDS = "items(name,metadata,generation,timeCreated),nextPageToken"
+
+
+class GCSRecordsMixin:
+    """`records()` and `gc()` for GCSStore (uses its private primitives)."""
+
+    def _alive_ids(self) -> dict[str, str]:
+        ids = {}
+        for blob in self._list("pop/"):
+            try:
+                ind_id, _, _ = _validate.parse_marker(self._rel(blob, "pop/"))
+            except CorruptObjectError as e:
+                log.warning("skipping %s", e)
+                continue
+            ids[ind_id] = self._rel(blob, "pop/")
+        return ids
+
+    def _dead(self) -> dict:
+        dead = {}
+        for blob in self._list("dead/", _DEAD_FIELDS):
+            ind_id = self._rel(blob, "dead/")
+            if _validate.ID_RE.match(ind_id) and ".." not in ind_id:
+                dead[ind_id] = blob
+            else:
+                log.warning("skipping malformed kill marker %s", blob.name)
+        return dead
+
+    def records(self) -> list[dict]:
+        """Returns the record of every individual ever published, with "id" and "alive"."""
+        alive, dead = self._alive_ids(), self._dead()
+        out = []
+        for ind_id in sorted(set(alive) | set(dead)):
+            try:
+                record = self.read_record(ind_id)
+            except StoreError as e:
+                log.warning("record of %s unreadable: %s", ind_id, e)
+                record = {"error": str(e)}
+            out.append(record | {"id": ind_id, "alive": ind_id not in dead})
+        return out
+
+    def gc(self, grace_seconds: float) -> int:
+        """Deletes checkpoints of individuals killed more than `grace_seconds` ago."""
+        now = datetime.datetime.now(datetime.UTC)
+        collected = 0
+        for ind_id, blob in self._dead().items():
+            meta = blob.metadata or {}
+            if meta.get("collected") == "1":
+                continue
+            if (now - blob.time_created).total_seconds() < grace_seconds:
+                continue
+            if self._collect(ind_id, blob.generation, meta.get("marker", "")):
+                collected += 1
+        return collected
+
+    def _collect(self, ind_id: str, generation: int, marker: str) -> bool:
+        try:  # A leftover alive marker means its killer died between its two writes.
+            if _validate.parse_marker(marker)[0] == ind_id:
+                self._delete(f"pop/{marker}")
+        except CorruptObjectError:
+            log.warning("kill marker of %s names a malformed marker %r", ind_id, marker)
+        for blob in self._list(f"ind/{ind_id}/ckpt/"):
+            self._delete(blob.name[len(self._key("")) :])
+        info = {"id": ind_id, "marker": marker, "collected": time.time()}
+        try:  # Compare-and-swap: of several concurrent gcs, one counts the collection.
+            self._put(
+                f"dead/{ind_id}",
+                _validate.dumps(info, "gc"),
+                generation,
+                marker=marker,
+                collected="1",
+            )
+        except ConcurrencyError:
+            return False
+        return True

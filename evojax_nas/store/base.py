@@ -1,0 +1,130 @@
+"""The population store interface shared by the local-directory and GCS backends.
+
+An individual is born (`publish`) by writing its DNA, record and checkpoint, then creating a
+create-only *marker* whose name carries its ID, fitness and birth stamp (paper footnote 2), so
+one listing gives the whole live population. Killing is an exclusive state change of that
+marker; garbage collection removes dead checkpoints after a grace period and keeps every record.
+"""
+
+import abc
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One entry of a population listing; every field comes from the listing itself.
+
+    Attributes:
+        id: the individual's ID, chosen by its creator (e.g. "w003-e000042").
+        fitness: validation accuracy in [0, 1].
+        birth: `time.time_ns()` at publication, for aging selection.
+    """
+
+    id: str
+    fitness: float
+    birth: int
+
+
+class Store(abc.ABC):
+    """A run's shared population: the only channel through which workers coordinate.
+
+    Attributes:
+        url: the store's address; `open_store(url)` opens the same store.
+        requests: number of backend requests made by this object (listing pages, reads,
+            writes, deletes, renames), for measuring the protocol's cost.
+    """
+
+    url: str
+    requests: int
+
+    @abc.abstractmethod
+    def write_config(self, config: dict) -> bool:
+        """Creates the run's `config.json`; returns False (and writes nothing) if one exists."""
+
+    @abc.abstractmethod
+    def read_config(self) -> dict:
+        """Returns the run's config; raises NotFoundError if the run does not exist."""
+
+    @abc.abstractmethod
+    def publish(self, ind_id: str, dna: dict, record: dict, fitness: float, params: Any) -> None:
+        """Atomically adds a new live individual.
+
+        Args:
+            ind_id: the new individual's ID (validated; never reused).
+            dna: its DNA as a JSON dict.
+            record: its small record (parent, mutations, FLOPs, times...); "id" is added.
+            fitness: validation accuracy in [0, 1].
+            params: nested dict of numpy arrays, or None for "no weights".
+
+        Raises:
+            ConcurrencyError: `ind_id` already exists (or a partial publication claimed it).
+            StoreError: an argument is invalid.
+        """
+
+    @abc.abstractmethod
+    def population(self) -> list[Member]:
+        """Lists the live individuals with O(1) requests (one listing)."""
+
+    @abc.abstractmethod
+    def kill(self, ind_id: str) -> None:
+        """Kills a live individual; exactly one of several concurrent killers succeeds.
+
+        Raises:
+            ConcurrencyError: it is already dead (another worker got there first).
+            NotFoundError: it was never published.
+        """
+
+    @abc.abstractmethod
+    def read_dna(self, ind_id: str) -> dict:
+        """Returns an individual's DNA (alive, dead or collected)."""
+
+    @abc.abstractmethod
+    def read_record(self, ind_id: str) -> dict:
+        """Returns an individual's record (alive, dead or collected), with "id" set."""
+
+    @abc.abstractmethod
+    def read_params(self, ind_id: str) -> Any:
+        """Returns an individual's weights (nested dict of numpy arrays) or None.
+
+        Raises:
+            NotFoundError: no such individual, or its checkpoint was garbage-collected.
+            CheckpointError: the checkpoint is corrupt or truncated.
+        """
+
+    @abc.abstractmethod
+    def records(self) -> list[dict]:
+        """Returns the record of every individual ever published, with "id" and "alive"."""
+
+    @abc.abstractmethod
+    def heartbeat(self, worker_id: int, info: dict) -> None:
+        """Overwrites worker `worker_id`'s in-flight marker with `info`."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[dict]:
+        """Returns each worker's latest heartbeat, with "worker" set to its ID."""
+
+    @abc.abstractmethod
+    def read_meta(self, name: str) -> tuple[dict | None, Any]:
+        """Returns (value or None, version token) of a small run-wide JSON side file."""
+
+    @abc.abstractmethod
+    def write_meta(self, name: str, value: dict, expected_version: Any = None) -> None:
+        """Compare-and-swap write of a side file.
+
+        Args:
+            name: the side file's name (validated like an ID).
+            value: the new JSON dict.
+            expected_version: the token `read_meta` returned; None means "must not exist".
+
+        Raises:
+            ConcurrencyError: the file's current version is not `expected_version`.
+        """
+
+    @abc.abstractmethod
+    def gc(self, grace_seconds: float) -> int:
+        """Deletes checkpoints of individuals killed more than `grace_seconds` ago.
+
+        Returns:
+            How many individuals were collected by this call. Records and DNA are kept.
+        """

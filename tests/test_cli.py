@@ -1,0 +1,119 @@
+"""The real CLI, run as a user runs it (a subprocess of the installed entry point)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from evojax_nas.store import open_store
+
+EXE = shutil.which("evojax-nas") or os.path.join(os.path.dirname(sys.executable), "evojax-nas")
+
+
+def cli(*args, timeout=300, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [EXE, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+def test_train_prints_fitness_flops_and_timings_as_json():
+    out = cli("train", "--dna", "small_conv", "--steps", "20", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert 0.0 <= result["val_accuracy"] <= 1.0
+    assert result["steps"] == 20 and not result["diverged"]
+    assert result["flops"] > result["flops_train_step"] * 20
+    assert set(result["seconds"]) >= {"init", "compile", "train", "eval"}
+
+
+def test_train_human_output():
+    out = cli("train", "--dna", "initial", "--steps", "5")
+    assert out.returncode == 0, out.stderr
+    assert "val accuracy" in out.stdout and "wall time" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--dna", "/nonexistent.json"], "cannot read DNA file"),
+        (["train", "--dna", "initial", "--steps", "0"], "positive integer"),
+        (["train", "--dna", "initial", "--dataset", "imagenet"], "unknown dataset"),
+        (["train", "--dna", "initial", "--learning-rate", "-1"], "learning-rate"),
+        (["train"], "required"),
+        (["evolve", "--config", "/nonexistent.json"], "no config"),
+        (["status", "/nonexistent-store"], "no run at"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(args, message, tmp_path):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr.lower() or message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_bad_dna_file_names_the_fault(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"vertices": [], "edges": [], "learning_rate": 0.1}))
+    out = cli("train", "--dna", str(bad))
+    assert out.returncode == 2 and "exactly one input vertex" in out.stderr
+
+
+def test_evolve_end_to_end_with_two_worker_processes(tmp_path):
+    run = tmp_path / "run"
+    out = cli(
+        "evolve",
+        "--out",
+        str(run),
+        "--population",
+        "4",
+        "--workers",
+        "2",
+        "--steps",
+        "10",
+        "--max-children",
+        "10",
+        "--seed",
+        "1",
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "done: 10 children" in out.stdout
+    store = open_store(str(run))
+    records = {r["id"]: r for r in store.records()}
+    assert len(records) == 10
+    required = {
+        "parent",
+        "mutation",
+        "key",
+        "learning_rate",
+        "val_accuracy",
+        "flops",
+        "params",
+        "born",
+        "train_seconds",
+        "worker",
+        "architecture_key",
+    }
+    for r in records.values():
+        assert required <= set(r), required - set(r)
+        assert r["flops"] > 0 and 0 <= r["val_accuracy"] <= 1
+    roots = set()
+    for r in records.values():
+        cur = r
+        while cur["parent"] is not None:
+            cur = records[cur["parent"]]
+        roots.add(cur["id"])
+    assert roots and all(i.startswith("init-") for i in roots)
+    assert {r["worker"] for r in records.values()} == {0, 1}
+    assert len(store.population()) == 4
+
+    status = cli("status", str(run), "--json")
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)
+    assert summary["individuals_trained"] == 10 and summary["population"] == 4
+    assert summary["best_val_accuracy"] == max(r["val_accuracy"] for r in records.values())

@@ -1,0 +1,182 @@
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from evojax_nas import dna as D
+from evojax_nas.config import EvolutionConfig
+from evojax_nas.evolution import Worker, decide, event_key, run_worker
+from evojax_nas.runner import settle
+from evojax_nas.store import Member, open_store
+from evojax_nas.train import TrainResult
+
+TRIALS = 300
+
+
+def members(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Member(f"w000-e{i:06d}", float(rng.uniform()), 1000 + i) for i in range(n)]
+
+
+def cfg(**kw) -> EvolutionConfig:
+    return dataclasses.replace(EvolutionConfig(population=10), **kw)
+
+
+def test_event_keys_differ_by_seed_worker_and_event():
+    keys = {
+        tuple(np.asarray(event_key(s, w, e)).tolist())
+        for s in range(3)
+        for w in range(3)
+        for e in range(3)
+    }
+    assert len(keys) == 27
+
+
+def test_too_few_individuals_or_unseeded_population_creates_initial_ones():
+    assert decide([], event_key(0, 0, 0), cfg()).action == "initial"
+    assert decide(members(1), event_key(0, 0, 0), cfg()).action == "initial"
+    assert decide(members(5), event_key(0, 0, 0), cfg(), seeded=False).action == "initial"
+    assert decide(members(5), event_key(0, 0, 0), cfg(), seeded=True).action == "reproduce"
+
+
+def test_tournament_never_kills_the_better_of_a_pair_300_trials():
+    full, fitness = members(10), {m.id: m.fitness for m in members(10)}
+    for event in range(TRIALS):
+        d = decide(full, event_key(1, 0, event), cfg(selection="tournament"))
+        assert d.action == "kill" and len(d.pair) == 2 and d.target in d.pair
+        other = next(i for i in d.pair if i != d.target)
+        assert fitness[d.target] <= fitness[other]
+
+
+def test_tournament_reproduces_the_better_below_the_set_point_300_trials():
+    some, fitness = members(6), {m.id: m.fitness for m in members(6)}
+    for event in range(TRIALS):
+        d = decide(some, event_key(2, 0, event), cfg(selection="tournament"))
+        assert d.action == "reproduce"
+        assert fitness[d.target] == max(fitness[i] for i in d.pair)
+
+
+def test_pairs_are_uniform_over_the_population_300_trials():
+    counts = {m.id: 0 for m in members(10)}
+    for event in range(TRIALS):
+        for i in decide(members(10), event_key(3, 0, event), cfg()).pair:
+            counts[i] += 1
+    assert min(counts.values()) > 0.4 * 2 * TRIALS / 10
+
+
+def test_random_selection_ignores_fitness_300_trials():
+    full, fitness = members(10), {m.id: m.fitness for m in members(10)}
+    better_killed = 0
+    for event in range(TRIALS):
+        d = decide(full, event_key(4, 0, event), cfg(selection="random"))
+        assert d.action == "kill"
+        other = next(i for i in d.pair if i != d.target)
+        better_killed += fitness[d.target] > fitness[other]
+    assert 0.35 * TRIALS < better_killed < 0.65 * TRIALS
+
+
+def test_aging_kills_the_oldest_and_reproduces_the_best_of_a_sample_300_trials():
+    full = members(10)
+    oldest = min(full, key=lambda m: m.birth).id
+    fitness = {m.id: m.fitness for m in full}
+    for event in range(TRIALS):
+        d = decide(full, event_key(5, 0, event), cfg(selection="aging", aging_sample=3))
+        assert d.action == "kill" and d.target == oldest
+        r = decide(full[:9], event_key(5, 1, event), cfg(selection="aging", aging_sample=3))
+        assert r.action == "reproduce" and len(r.pair) == 3
+        assert fitness[r.target] == max(fitness[i] for i in r.pair)
+
+
+def synthetic_evaluator(calls):
+    """Fitness = a smooth function of the architecture: more convolutions are better."""
+
+    def evaluate(dna, params, key):
+        calls.append(D.architecture_key(dna))
+        fit = min(1.0, 0.1 + 0.2 * len(dna.conv_edges()) + 0.01 * float(jax.random.uniform(key)))
+        return TrainResult(params, fit, False, 1, 1.0, 1.0, 1, 1, {"train": 0.0})
+
+    return evaluate
+
+
+def run_synthetic(tmp_path, steps=60, **kw):
+    store = open_store(str(tmp_path / "run"))
+    c = cfg(population=6, **kw)
+    store.write_config(c.to_dict())
+    calls = []
+    worker = Worker(store, c, 0, synthetic_evaluator(calls), input_channels=1, num_classes=10)
+    for _ in range(steps):
+        worker.step()
+    return store, c, worker
+
+
+def test_worker_loop_holds_the_set_point_and_records_lineage(tmp_path):
+    store, c, worker = run_synthetic(tmp_path, steps=80)
+    records = {r["id"]: r for r in store.records()}
+    assert c.population - 1 <= len(store.population()) <= c.population
+    assert all(r["parent"] is None for i, r in records.items() if i.startswith("init-"))
+    for r in records.values():  # every parent link leads back to an initial individual
+        seen, cur = set(), r
+        while cur["parent"] is not None:
+            assert cur["parent"] in records and cur["id"] not in seen
+            seen.add(cur["id"])
+            cur = records[cur["parent"]]
+        assert cur["id"].startswith("init-")
+    assert sum(r["parent"] is not None for r in records.values()) > 10
+    best = max(m.fitness for m in store.population())
+    assert best > 0.3, "selection on a fitness that rewards convolutions must find some"
+
+
+def test_tournament_beats_random_selection_on_synthetic_fitness(tmp_path):
+    tour, _, _ = run_synthetic(tmp_path / "t", steps=120, selection="tournament", seed=3)
+    rand, _, _ = run_synthetic(tmp_path / "r", steps=120, selection="random", seed=3)
+    mean = lambda s: np.mean([m.fitness for m in s.population()])  # noqa: E731
+    assert mean(tour) > mean(rand)
+
+
+def test_same_seed_gives_the_same_run(tmp_path):
+    a, _, _ = run_synthetic(tmp_path / "a", steps=40, seed=7)
+    b, _, _ = run_synthetic(tmp_path / "b", steps=40, seed=7)
+    strip = lambda s: sorted(
+        (
+            r["id"],
+            r["parent"],
+            r["architecture_key"],
+            r["val_accuracy"],  # noqa: E731
+            r["learning_rate"],
+        )
+        for r in s.records()
+    )
+    assert strip(a) == strip(b)
+
+
+def test_run_worker_stops_at_its_budget_and_settle_restores_the_set_point(tmp_path):
+    store = open_store(str(tmp_path / "run"))
+    c = cfg(population=4)
+    store.write_config(c.to_dict())
+    w = Worker(store, c, 0, synthetic_evaluator([]), 1, 10)
+    assert run_worker(w, max_children=9, deadline=None) == 9
+    for i in range(3):  # over-full, as concurrent reproductions can leave it
+        store.publish(
+            f"extra-{i}",
+            D.to_dict(D.initial_dna(1, 10)),
+            {"id": f"extra-{i}", "parent": None},
+            0.5,
+            None,
+        )
+    settle(store, c)
+    assert len(store.population()) == c.population
+
+
+@pytest.mark.parametrize("inheritance", [True, False])
+def test_no_inheritance_flag_reinitialises_every_child(tmp_path, inheritance):
+    store, _, _ = run_synthetic(
+        tmp_path, steps=40, inheritance=inheritance, mutation_weights={"identity": 1.0}
+    )
+    children = [r for r in store.records() if r["parent"]]
+    assert children
+    fresh = [r["mutation"]["reinitialised"] for r in children]
+    if inheritance:
+        assert all(f == [] for f in fresh)
+    else:
+        assert all(f for f in fresh)
