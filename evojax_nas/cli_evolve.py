@@ -35,6 +35,11 @@ def add_command(sub) -> None:
         action="store_true",
         help="the paper's control: children do not inherit weights",
     )
+    p.add_argument(
+        "--create-only",
+        action="store_true",
+        help="write the run's config into the store and exit (workers join later)",
+    )
     p.set_defaults(handler=run_evolve)
 
     w = sub.add_parser("worker", help="join an existing run as one more worker")
@@ -42,6 +47,12 @@ def add_command(sub) -> None:
     w.add_argument("--max-children", type=positive_int, default=None)
     w.add_argument("--max-minutes", type=float, default=None)
     w.set_defaults(handler=run_join)
+
+    r = sub.add_parser("replay", help="re-derive and retrain one individual; check it matches")
+    r.add_argument("store")
+    r.add_argument("id", help="the individual's ID (see `status`, or the run's records)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(handler=run_replay)
 
     s = sub.add_parser("status", help="the state of a run, live or finished")
     s.add_argument("store")
@@ -66,6 +77,13 @@ def run_evolve(args: argparse.Namespace) -> int:
         inheritance=False if args.no_inheritance else None,
     )
     out = args.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+    if args.create_only:
+        from evojax_nas.runner import create_or_join
+        from evojax_nas.store import open_store
+
+        create_or_join(open_store(out), cfg)
+        print(f"run {out} is ready: start workers with `evojax-nas worker {out}`")
+        return 0
     print(
         f"run {out}: {cfg.selection} selection, population {cfg.population}, "
         f"{cfg.workers} workers, {cfg.steps} steps/child, dataset {cfg.dataset}"
@@ -126,3 +144,29 @@ def run_status_cmd(args: argparse.Namespace) -> int:
     print(f"children/min      {rate:.2f} overall" if rate else "children/min      n/a")
     print(f"workers seen      {status['workers_seen_recently']} in the last 5 minutes")
     return 0
+
+
+def run_replay(args: argparse.Namespace) -> int:
+    from evojax_nas.config import from_dict
+    from evojax_nas.data import load_dataset
+    from evojax_nas.evolution import training_evaluator
+    from evojax_nas.replay import replay
+    from evojax_nas.store import open_store
+    from evojax_nas.train import CompileCache
+
+    store = open_store(args.store, create=False)
+    cfg = from_dict(store.read_config())
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+    evaluate = training_evaluator(data, cfg, CompileCache())
+    out = replay(store, args.id, evaluate, data.image_shape[-1], data.num_classes)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        weights = {True: "bit for bit", False: "DIFFERENT", None: "not stored any more"}
+        print(
+            f"{args.id}: DNA {'same' if out['dna_matches'] else 'DIFFERENT'}, validation "
+            f"accuracy {out['val_accuracy']:.4f} (stored {out['stored_val_accuracy']:.4f}), "
+            f"weights {weights[out['weights_match']]}"
+        )
+        print("replay MATCHES" if out["matches"] else "replay DOES NOT MATCH")
+    return 0 if out["matches"] else 1

@@ -21,7 +21,14 @@ import numpy as np
 
 from evojax_nas import dna as dna_lib
 from evojax_nas.config import EvolutionConfig
-from evojax_nas.errors import CheckpointError, ConcurrencyError, NotFoundError
+from evojax_nas.errors import (
+    CheckpointError,
+    ConcurrencyError,
+    CorruptObjectError,
+    DNAError,
+    NotFoundError,
+    StoreError,
+)
 from evojax_nas.model import init_variables
 from evojax_nas.mutations import mutate
 from evojax_nas.store import Member, Store
@@ -141,7 +148,22 @@ class Worker:
         except (ConcurrencyError, NotFoundError) as exc:
             log.info("worker %d event %d abandoned: %s", self.worker_id, event, exc)
             return {"action": "abandoned", "reason": str(exc), "population": len(members)}
+        except (CorruptObjectError, CheckpointError, DNAError) as exc:
+            # A damaged individual must not stop the run: drop it from the population.
+            log.warning(
+                "worker %d: %s is damaged (%s); killing it", self.worker_id, decision.target, exc
+            )
+            self._kill_quietly(decision.target)
+            return {"action": "abandoned", "reason": str(exc), "population": len(members)}
         return {"action": decision.action, "population": len(members) + 1, **record}
+
+    def _kill_quietly(self, ind_id: str | None) -> None:
+        if ind_id is None:
+            return
+        try:
+            self.store.kill(ind_id)
+        except StoreError:
+            pass  # someone else killed it, or it cannot be killed: either way it is out
 
     def _seeded(self, population: int) -> bool:
         if not self.seeded:
@@ -176,10 +198,7 @@ class Worker:
 
     def _reproduce(self, parent_id: str, key: jax.Array, event: int, control: dict) -> dict:
         parent = dna_lib.from_dict(self.store.read_dna(parent_id))
-        try:
-            params = self.store.read_params(parent_id)
-        except CheckpointError as exc:  # collected or unreadable: lose this step, not the run
-            raise NotFoundError(f"parent {parent_id} has no usable weights: {exc}") from None
+        params = self.store.read_params(parent_id)
         count, inherit = self.cfg.mutations_per_child, self.cfg.inheritance
         now = time.time()
         if control.get("mutations_per_child") and now < control.get("mutations_until", math.inf):
@@ -202,7 +221,7 @@ class Worker:
             key,
             event,
             parent=parent_id,
-            mutation=report.to_dict(),
+            mutation={**report.to_dict(), "count": count, "inherit": inherit},
         )
 
     def _train_and_publish(self, ind_id, dna, params, key, event, *, parent, mutation) -> dict:

@@ -117,3 +117,16 @@ def test_evolve_end_to_end_with_two_worker_processes(tmp_path):
     summary = json.loads(status.stdout)
     assert summary["individuals_trained"] == 10 and summary["population"] == 4
     assert summary["best_val_accuracy"] == max(r["val_accuracy"] for r in records.values())
+
+
+def test_create_only_then_a_worker_joins_with_only_the_store_address(tmp_path):
+    run = tmp_path / "run"
+    made = cli("evolve", "--out", str(run), "--population", "2", "--steps", "5", "--create-only")
+    assert made.returncode == 0, made.stderr
+    assert open_store(str(run)).population() == []
+    joined = cli("worker", str(run), "--max-children", "3")
+    assert joined.returncode == 0, joined.stderr
+    assert "trained 3 children" in joined.stdout
+    assert len(open_store(str(run)).records()) == 3
+    again = cli("evolve", "--out", str(run), "--population", "3", "--create-only")
+    assert again.returncode == 2 and "different config" in again.stderr

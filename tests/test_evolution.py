@@ -180,3 +180,15 @@ def test_no_inheritance_flag_reinitialises_every_child(tmp_path, inheritance):
         assert all(f == [] for f in fresh)
     else:
         assert all(f for f in fresh)
+
+
+def test_a_damaged_individual_is_dropped_and_the_worker_goes_on(tmp_path):
+    store, c, worker = run_synthetic(tmp_path, steps=20)
+    # The fittest: tournament selection alone would never kill it.
+    victim = max(store.population(), key=lambda m: (m.fitness, m.id)).id
+    with open(tmp_path / "run" / "inds" / victim / "dna.json", "w") as f:
+        f.write('{"vertices": [')  # truncated, as by a crash
+    for _ in range(40):
+        worker.step()
+    assert victim not in {m.id for m in store.population()}
+    assert c.population - 1 <= len(store.population()) <= c.population
