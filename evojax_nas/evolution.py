@@ -144,7 +144,8 @@ class Worker:
             if decision.action == "initial":
                 record = self._create_initial(key, event)
             else:
-                record = self._reproduce(decision.target, key, event, control)
+                birth = next(m.birth for m in members if m.id == decision.target) / 1e9
+                record = self._reproduce(decision.target, key, event, control, birth)
         except (ConcurrencyError, NotFoundError) as exc:
             log.info("worker %d event %d abandoned: %s", self.worker_id, event, exc)
             return {"action": "abandoned", "reason": str(exc), "population": len(members)}
@@ -196,33 +197,49 @@ class Worker:
             mutation={"names": [], "touched": [], "reinitialised": ["*"]},
         )
 
-    def _reproduce(self, parent_id: str, key: jax.Array, event: int, control: dict) -> dict:
+    def _reproduce(
+        self, parent_id: str, key: jax.Array, event: int, control: dict, parent_birth: float
+    ) -> dict:
         parent = dna_lib.from_dict(self.store.read_dna(parent_id))
         params = self.store.read_params(parent_id)
-        count, inherit = self.cfg.mutations_per_child, self.cfg.inheritance
-        now = time.time()
-        if control.get("mutations_per_child") and now < control.get("mutations_until", math.inf):
-            count = int(control["mutations_per_child"])
-        parent_record = self.store.read_record(parent_id) if control.get("reset_at") else {}
-        if control.get("reset_at") and parent_record.get("born", 0) < control["reset_at"]:
-            inherit = False  # a population-wide weight reset reaches each lineage once
+        weights, count = self.cfg.mutation_weights, self.cfg.mutations_per_child
+        if control.get("mutations_per_child") and time.time() < control.get(
+            "mutations_until", math.inf
+        ):
+            count = int(control["mutations_per_child"])  # a period of higher mutation rate
+        # A population-wide weight reset: an individual born before it is replaced, once, by
+        # the same architecture retrained from fresh weights (paper §5, supplementary S3).
+        replace = bool(control.get("reset_at")) and parent_birth < control["reset_at"]
+        if replace:
+            weights, count = {"reset_weights": 1.0}, 1
+        inherit = self.cfg.inheritance
         child, child_params, report = mutate(
             parent,
             params,
             jax.random.fold_in(key, MUTATE),
-            weights=self.cfg.mutation_weights,
+            weights=weights,
             count=count,
             inherit=inherit,
         )
-        return self._train_and_publish(
+        mutation = {
+            **report.to_dict(),
+            "count": count,
+            "inherit": inherit,
+            "weights": weights,
+            "replaces_parent": replace,
+        }
+        record = self._train_and_publish(
             child_id(self.worker_id, event),
             child,
             child_params,
             key,
             event,
             parent=parent_id,
-            mutation={**report.to_dict(), "count": count, "inherit": inherit},
+            mutation=mutation,
         )
+        if replace:
+            self._kill_quietly(parent_id)
+        return record
 
     def _train_and_publish(self, ind_id, dna, params, key, event, *, parent, mutation) -> dict:
         start = time.time()

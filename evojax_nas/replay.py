@@ -47,7 +47,7 @@ def rebuild(store: Store, record: dict, input_channels: int, num_classes: int):
         parent,
         params,
         jax.random.fold_in(key, MUTATE),
-        weights=cfg.mutation_weights,
+        weights=mutation.get("weights", cfg.mutation_weights),
         count=int(mutation.get("count", cfg.mutations_per_child)),
         inherit=bool(mutation.get("inherit", cfg.inheritance)),
     )

@@ -192,3 +192,23 @@ def test_a_damaged_individual_is_dropped_and_the_worker_goes_on(tmp_path):
         worker.step()
     assert victim not in {m.id for m in store.population()}
     assert c.population - 1 <= len(store.population()) <= c.population
+
+
+def test_weight_reset_replaces_each_older_individual_at_most_once(tmp_path):
+    import time as time_lib
+
+    from evojax_nas.evolution import CONTROL
+
+    store, c, worker = run_synthetic(tmp_path, steps=30)
+    before = {m.id for m in store.population()}
+    store.write_meta(CONTROL, {"reset_at": time_lib.time()})
+    for _ in range(60):
+        worker.step()
+    children = [r for r in store.records() if r["parent"] and r["born"] > 0]
+    resets = [r for r in children if r["mutation"].get("replaces_parent")]
+    assert resets, "a reset must reach the population"
+    assert all(r["mutation"]["names"] == ["reset_weights"] for r in resets)
+    assert len({r["parent"] for r in resets}) == len(resets) <= len(before)
+    assert {r["parent"] for r in resets} <= before
+    for r in resets:  # the replaced individual is dead
+        assert r["parent"] not in {m.id for m in store.population()}

@@ -1,0 +1,333 @@
+"""Reports on a run: the best individual by validation, measured once on the test split.
+
+The paper's reporting rule (§3.7): "the best model" is the one with the highest *validation*
+accuracy; only its *test* accuracy is reported. Evolution never sees the test split; this module
+(with `compare` and `export`, which use it) is the only code that calls
+`data.load_test_split`. Test accuracies are cached in the store (meta `test-accuracy`), so a
+second report on the same run does no evaluation at all and does not even load the data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from evojax_nas import data as data_lib
+from evojax_nas import dna as dna_lib
+from evojax_nas import export
+from evojax_nas.config import from_dict
+from evojax_nas.errors import CheckpointError, ConcurrencyError, EvojaxNasError, NotFoundError
+from evojax_nas.store import Store
+
+log = logging.getLogger(__name__)
+
+TEST_CACHE = "test-accuracy"  # meta: {"dataset", "individuals": {id: acc|null}, "ensembles"}
+HISTORY = "history"  # meta: {"events": [...]}, written by `adjust`, drawn on Figure 1
+TEST_NOTE = (
+    "selection used validation accuracy only; the test split was read by report/compare/export "
+    "alone, to measure the individuals named here"
+)
+
+
+class ReportError(EvojaxNasError):
+    """A run cannot be reported on (no individuals, bad arguments)."""
+
+
+def trained_records(store: Store) -> list[dict]:
+    """Every individual's record that completed training, oldest first."""
+    records = [r for r in store.records() if isinstance(r.get("born"), int | float)]
+    if not records:
+        raise ReportError(f"{store.url} holds no trained individuals yet: run `evojax-nas evolve`")
+    return sorted(records, key=lambda r: (r["born"], r["id"]))
+
+
+def run_start(records: Sequence[dict]) -> float:
+    """Unix time the run started: the earliest start of training of any individual."""
+    return min(r["born"] - r.get("train_seconds", 0.0) for r in records)
+
+
+def best_so_far(records: Sequence[dict]) -> list[dict]:
+    """The records that were the best by validation when they were born, in time order."""
+    out, best = [], -math.inf
+    for r in records:  # already sorted by birth
+        if r.get("val_accuracy", 0.0) > best:
+            best = r["val_accuracy"]
+            out.append(r)
+    return out
+
+
+def ancestry(records: Sequence[dict], ind_id: str) -> list[dict]:
+    """The lineage of `ind_id`, from its initial ancestor to itself."""
+    by_id = {r["id"]: r for r in records}
+    chain, cur = [], by_id.get(ind_id)
+    while cur is not None and cur["id"] not in {c["id"] for c in chain}:
+        chain.append(cur)
+        cur = by_id.get(cur.get("parent"))
+    return chain[::-1]
+
+
+def ranked(records: Iterable[dict]) -> list[dict]:
+    """Records by validation accuracy, best first (ties: the older one first)."""
+    return sorted(records, key=lambda r: (-r.get("val_accuracy", 0.0), r["born"], r["id"]))
+
+
+def paper_diagram(dna: dna_lib.DNA) -> str:
+    """The backbone in the paper's notation: `Input → C+BN+R → C → … → Global Pool → Output`.
+
+    "C" is a convolution, "+BN+R" a batch-norm + ReLU vertex; an identity edge into a BN+R
+    vertex stacks another "+BN+R" onto the previous block, as in the paper's Figure 1.
+    """
+    parts = ["Input"]
+    path = dna_lib.backbone(dna)
+    for vid in path[:-1]:
+        e = next(x for x in dna.out_edges(vid) if not x.is_skip)
+        relu = dna.vertex(e.dst).kind == "bn_relu"
+        skips = sum(1 for x in dna.in_edges(e.dst) if x.is_skip)
+        note = f" (+{skips} skip)" if skips else ""
+        if e.is_conv:
+            parts.append("C" + ("+BN+R" if relu else "") + note)
+        elif relu and parts[-1] != "Input":
+            parts[-1] += "+BN+R" + note
+        elif relu or note:
+            parts.append(("BN+R" if relu else "Sum") + note)
+    return " → ".join([*parts, "Global Pool", "Output"])
+
+
+class TestEvaluator:
+    """Measures individuals on the test split; loads data and compiles only when needed."""
+
+    def __init__(self, store: Store):
+        """Binds to a run; nothing is loaded until the first evaluation."""
+        self.store = store
+        self.cfg = from_dict(store.read_config())
+        self._data: tuple[Any, np.ndarray, np.ndarray] | None = None
+        self._predictors: dict[str, Any] = {}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """`export.data_meta` of the run's dataset (train statistics, image shape)."""
+        return export.data_meta(self._load()[0])
+
+    def test_labels(self) -> np.ndarray:
+        return self._load()[2]
+
+    def _load(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        if self._data is None:
+            ds = data_lib.load_dataset(self.cfg.dataset, data_dir=self.cfg.data_dir)
+            x, y = data_lib.load_test_split(self.cfg.dataset, data_dir=self.cfg.data_dir)
+            log.info("test split of %s: %d images (reporting only)", self.cfg.dataset, len(y))
+            self._data = (ds, x, np.asarray(y))
+        return self._data
+
+    def member(self, ind_id: str) -> tuple[dna_lib.DNA, dict] | None:
+        """(DNA, variables) of an individual, or None if its weights were collected."""
+        try:
+            variables = self.store.read_params(ind_id)
+        except (NotFoundError, CheckpointError) as exc:
+            log.info("no weights for %s: %s", ind_id, exc)
+            return None
+        if variables is None:
+            return None
+        return dna_lib.from_dict(self.store.read_dna(ind_id)), variables
+
+    def probabilities(self, ind_id: str) -> np.ndarray | None:
+        """Test-set class probabilities of an individual, or None without weights."""
+        found = self.member(ind_id)
+        if found is None:
+            return None
+        dna, variables = found
+        key = dna_lib.architecture_key(dna)
+        if key not in self._predictors:
+            self._predictors[key] = export.make_predict(dna, self.meta)
+        return export.predict_batched(self._predictors[key], variables, self._load()[1])
+
+    def accuracy(self, probs: np.ndarray) -> float:
+        return float(np.mean(probs.argmax(-1) == self.test_labels()))
+
+
+class TestCache:
+    """Test accuracies cached in the store's meta file; saved with compare-and-swap."""
+
+    def __init__(self, store: Store, dataset: str):
+        """Reads the cache; one made for another dataset counts as empty."""
+        self.store, self.dataset = store, dataset
+        value, _ = store.read_meta(TEST_CACHE)
+        if not value or value.get("dataset") != dataset:
+            value = {}
+        self.individuals: dict[str, float | None] = dict(value.get("individuals", {}))
+        self.ensembles: dict[str, float] = dict(value.get("ensembles", {}))
+        self.dirty = False
+
+    def save(self, attempts: int = 5) -> None:
+        """Merges this cache into the store's (another report may have written meanwhile)."""
+        if not self.dirty:
+            return
+        for _ in range(attempts):
+            value, version = self.store.read_meta(TEST_CACHE)
+            value = value if value and value.get("dataset") == self.dataset else {}
+            merged = {
+                "dataset": self.dataset,
+                "individuals": {**value.get("individuals", {}), **self.individuals},
+                "ensembles": {**value.get("ensembles", {}), **self.ensembles},
+            }
+            try:
+                self.store.write_meta(TEST_CACHE, merged, expected_version=version)
+                self.dirty = False
+                return
+            except ConcurrencyError:
+                continue
+        log.warning("could not save the test-accuracy cache of %s (busy); not cached", self.store)
+
+
+def individual_accuracy(ind_id: str, evaluator: TestEvaluator, cache: TestCache) -> float | None:
+    """Test accuracy of one individual (cached); None when its weights were collected."""
+    if ind_id not in cache.individuals:
+        probs = evaluator.probabilities(ind_id)
+        cache.individuals[ind_id] = None if probs is None else evaluator.accuracy(probs)
+        cache.dirty = True
+    return cache.individuals[ind_id]
+
+
+def ensemble_members(store: Store, records: Sequence[dict], k: int) -> list[dict]:
+    """The top-k by validation among individuals whose weights are still stored."""
+    if k < 1:
+        raise ReportError(f"--ensemble must be at least 1, got {k}")
+    out = []
+    for r in ranked(records):
+        if len(out) == k:
+            break
+        if r.get("alive"):  # a live individual's checkpoint is never collected
+            out.append(r)
+            continue
+        try:
+            if store.read_params(r["id"]) is not None:
+                out.append(r)
+        except (NotFoundError, CheckpointError):
+            continue
+    return out
+
+
+def ensemble_accuracy(
+    members: Sequence[dict], evaluator: TestEvaluator, cache: TestCache
+) -> float | None:
+    """Test accuracy of the majority vote of `members` (cached by their IDs)."""
+    if not members:
+        return None
+    key = ",".join(r["id"] for r in members)
+    if key not in cache.ensembles:
+        probs = [evaluator.probabilities(r["id"]) for r in members]
+        if any(p is None for p in probs):
+            return None
+        cache.ensembles[key] = evaluator.accuracy(export.ensemble_probabilities(probs))
+        cache.dirty = True
+    return cache.ensembles[key]
+
+
+def progress_series(records: Sequence[dict], evaluator, cache) -> list[dict]:
+    """Figure 2's points: test accuracy of the best-by-validation individual over time.
+
+    Each point is where a new best by validation was born. `test_accuracy` is None where its
+    weights were garbage-collected before any report measured it.
+    """
+    start = run_start(records)
+    return [
+        {
+            "time_s": r["born"] - start,
+            "id": r["id"],
+            "val_accuracy": r["val_accuracy"],
+            "test_accuracy": individual_accuracy(r["id"], evaluator, cache),
+        }
+        for r in best_so_far(records)
+    ]
+
+
+def run_summary(store: Store, k: int = 1) -> dict[str, Any]:
+    """Measures a run (no files written): the numbers of `evojax-nas report --json`."""
+    evaluator = TestEvaluator(store)  # reads the config first: "no run here" is clearer
+    records = trained_records(store)
+    cache = TestCache(store, evaluator.cfg.dataset)
+    series = progress_series(records, evaluator, cache)
+    best = ranked(records)[0]
+    members = ensemble_members(store, records, k)
+    summary = {
+        "store": store.url,
+        "dataset": evaluator.cfg.dataset,
+        "selection": evaluator.cfg.selection,
+        "inheritance": evaluator.cfg.inheritance,
+        "seed": evaluator.cfg.seed,
+        "best_id": best["id"],
+        "best_val_accuracy": best["val_accuracy"],
+        "best_test_accuracy": individual_accuracy(best["id"], evaluator, cache),
+        "best_architecture": paper_diagram(dna_lib.from_dict(store.read_dna(best["id"]))),
+        "best_architecture_detail": best.get("architecture"),
+        "ancestry": [r["id"] for r in ancestry(records, best["id"])],
+        "ensemble_k": k,
+        "ensemble_ids": [r["id"] for r in members],
+        "ensemble_test_accuracy": ensemble_accuracy(members, evaluator, cache),
+        "individuals_trained": len(records),
+        "total_flops": math.fsum(r.get("flops", 0.0) for r in records),
+        "wall_hours": (records[-1]["born"] - run_start(records)) / 3600,
+        "progress": series,
+        "progress_missing": [p["id"] for p in series if p["test_accuracy"] is None],
+        "test_split": TEST_NOTE,
+    }
+    cache.save()
+    return summary
+
+
+def output_dir(store: Store, out_dir: str | None) -> str:
+    """Where a report's files go: `out_dir`, else `<run>/report` (local) or `./report-<name>`."""
+    if out_dir:
+        return out_dir
+    if store.url.startswith("gs://"):
+        return "report-" + store.url.rstrip("/").split("/")[-1]
+    return os.path.join(store.url, "report")
+
+
+def write_report(store: Store, k: int = 3, out_dir: str | None = None) -> dict[str, Any]:
+    """Measures a run and writes Figure 1, Figure 2, the best architecture and report.json.
+
+    Args:
+        store: the run's store.
+        k: ensemble size (top-k by validation among individuals with stored weights).
+        out_dir: where the files go (default `output_dir`).
+
+    Returns:
+        `run_summary`'s dict plus "outputs" (the paths of the files written).
+    """
+    from evojax_nas import plots  # plots imports this module
+
+    summary = run_summary(store, k)
+    out = output_dir(store, out_dir)
+    os.makedirs(out, exist_ok=True)
+    records = trained_records(store)
+    paths = {
+        name: os.path.join(out, name)
+        for name in ("figure1.png", "figure2.png", "architecture.txt", "report.json")
+    }
+    shown = plots.figure1(store, records, summary["best_id"], paths["figure1.png"])
+    plots.figure2(summary["progress"], paths["figure2.png"], 3600 * summary["wall_hours"])
+    with open(paths["architecture.txt"], "w", encoding="utf-8") as f:
+        f.write(architecture_text(store, shown))
+    summary["outputs"] = paths
+    with open(paths["report.json"], "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def architecture_text(store: Store, shown: Sequence[dict]) -> str:
+    """The best architecture (last of `shown`) and the ancestors drawn on Figure 1, as text."""
+    blocks = []
+    for r in shown:
+        dna = dna_lib.from_dict(store.read_dna(r["id"]))
+        blocks.append(
+            f"{r['id']}  validation {r['val_accuracy']:.4f}  learning rate {dna.learning_rate:.4g}"
+            f"\n  {paper_diagram(dna)}\n  {dna_lib.describe(dna)}\n"
+        )
+    return "best by validation (last) and the ancestors shown on Figure 1:\n\n" + "\n".join(blocks)

@@ -1,0 +1,228 @@
+"""report / compare / adjust: JSON fields, PNGs, the test split's confinement, steering."""
+
+import dataclasses
+import json
+import time
+
+import jax
+import matplotlib.image
+import pytest
+
+from evojax_nas import cli, data, plots, report
+from evojax_nas import dna as D
+from evojax_nas.cli_report import adjust, report_lines
+from evojax_nas.cli_train import read_dna
+from evojax_nas.config import EvolutionConfig
+from evojax_nas.errors import EvojaxNasError
+from evojax_nas.evolution import Worker, training_evaluator
+from evojax_nas.model import init_variables
+from evojax_nas.runner import run_status
+from evojax_nas.store import open_store
+from evojax_nas.train import CompileCache, TrainResult
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = EvolutionConfig(
+    dataset="digits8x8",
+    population=3,
+    workers=1,
+    steps=3,
+    max_children=6,
+    # architecture-preserving mutations: one compiled program keeps the fixture quick
+    mutation_weights={"identity": 1.0, "alter_learning_rate": 1.0, "reset_weights": 1.0},
+)
+
+
+def forbid_test_split(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test split was read outside report/compare/export")
+
+    monkeypatch.setattr(data, "load_test_split", refuse)
+
+
+def count_test_split(monkeypatch) -> list:
+    calls, real = [], data.load_test_split
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_test_split", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A real in-process evolution (digits 8×8, 3 training steps a child) that may not read
+    the test split."""
+    url = str(tmp_path_factory.mktemp("tiny") / "run")
+    store = open_store(url)
+    store.write_config(TINY.to_dict())
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_test_split(mp)
+        dataset = data.load_dataset(TINY.dataset)
+        evaluate = training_evaluator(dataset, TINY, CompileCache())
+        worker = Worker(store, TINY, 0, evaluate, 1, dataset.num_classes)
+        while worker.children < TINY.max_children:
+            worker.step()
+        run_status(store)
+    return url
+
+
+def test_evolution_never_reads_the_test_split_and_report_does(tiny_run, monkeypatch, capsys):
+    calls = count_test_split(monkeypatch)
+    assert cli.main(["report", tiny_run, "--json", "--ensemble", "2"]) == 0
+    assert calls, "report must measure on the test split"
+    out = json.loads(capsys.readouterr().out)
+    records = open_store(tiny_run).records()
+    best = max(records, key=lambda r: r["val_accuracy"])
+    assert out["best_val_accuracy"] == best["val_accuracy"]
+    assert 0.0 <= out["best_test_accuracy"] <= 1.0
+    assert out["ensemble_k"] == 2 and len(out["ensemble_ids"]) == 2
+    assert 0.0 <= out["ensemble_test_accuracy"] <= 1.0
+    assert out["individuals_trained"] == len(records)
+    assert out["total_flops"] == pytest.approx(sum(r["flops"] for r in records))
+    assert out["wall_hours"] > 0
+    assert out["ancestry"][-1] == out["best_id"] and "test split" in out["test_split"]
+    assert (
+        out["best_architecture"].startswith("Input")
+        and "Global Pool → Output" in (out["best_architecture"])
+    )
+    for name in ("figure1.png", "figure2.png"):
+        path = out["outputs"][name]
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
+    with open(out["outputs"]["architecture.txt"], encoding="utf-8") as f:
+        assert out["best_id"] in f.read()
+
+
+def test_second_report_uses_the_cache_and_never_loads_data(tiny_run, monkeypatch):
+    first = report.write_report(open_store(tiny_run), k=2)
+    forbid_test_split(monkeypatch)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data loaded"))
+    start = time.perf_counter()
+    second = report.run_summary(open_store(tiny_run), k=2)
+    assert time.perf_counter() - start < 5
+    for key in ("best_test_accuracy", "ensemble_test_accuracy", "progress"):
+        assert second[key] == first[key]
+
+
+def publish(store, ind_id, dna, *, val, born, parent=None, params=True, key=0):
+    variables = init_variables(dna, jax.random.PRNGKey(key)) if params else None
+    record = {
+        "parent": parent,
+        "mutation": {"names": [], "touched": [], "reinitialised": []},
+        "val_accuracy": val,
+        "born": born,
+        "train_seconds": 1.0,
+        "flops": 1e6,
+        "architecture": D.describe(dna),
+        "architecture_key": D.architecture_key(dna),
+    }
+    store.publish(ind_id, D.to_dict(dna), record, val, variables)
+
+
+def synthetic_run(path, **cfg_changes):
+    """Untrained individuals with weights: fast to build, real to evaluate."""
+    store = open_store(str(path))
+    store.write_config(dataclasses.replace(TINY, **cfg_changes).to_dict())
+    dna = D.initial_dna(1, 10)
+    for i, val in enumerate([0.2, 0.3, 0.25, 0.4]):
+        parent = f"i{i - 1}" if i else None
+        publish(store, f"i{i}", dna, val=val, born=1000.0 + 60 * i, parent=parent, key=i)
+    conv = D.for_data(read_dna("small_conv"), 1, 10)  # convolutions and batch-norm statistics
+    publish(store, "c4", conv, val=0.35, born=1300.0, parent="i3", key=4)
+    return store
+
+
+def test_collected_best_so_far_is_reported_as_missing(tmp_path):
+    store = synthetic_run(tmp_path / "run")
+    store.kill("i1")
+    assert store.gc(0.0) == 1
+    summary = report.write_report(store, k=3)
+    assert summary["progress_missing"] == ["i1"]
+    assert [p["id"] for p in summary["progress"]] == ["i0", "i1", "i3"]
+    assert summary["ensemble_ids"] == ["i3", "c4", "i2"]  # i1 has no weights any more
+    assert any("not measured" in line for line in report_lines(summary))
+    with open(summary["outputs"]["figure2.png"], "rb") as f:
+        assert f.read(8) == PNG
+
+
+def test_report_on_an_empty_run_is_a_user_error(tmp_path, capsys):
+    store = open_store(str(tmp_path / "run"))
+    store.write_config(TINY.to_dict())
+    assert cli.main(["report", str(tmp_path / "run")]) == 2
+    assert "no trained individuals" in capsys.readouterr().err
+
+
+def test_compare_groups_runs_and_writes_a_table_and_png(tmp_path, monkeypatch, capsys):
+    calls = count_test_split(monkeypatch)
+    urls = [synthetic_run(tmp_path / f"e{s}", seed=s).url for s in range(2)]
+    urls.append(synthetic_run(tmp_path / "r", selection="random").url)
+    assert cli.main(["compare", *urls, "--out", str(tmp_path / "cmp.png"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert calls
+    assert [g["group"] for g in out["groups"]] == ["evolution", "random search"]
+    assert out["groups"][0]["runs"] == 2 and out["groups"][0]["test_std"] == 0.0
+    assert "| evolution | 2 |" in out["table"] and "| random search | 1 |" in out["table"]
+    with open(tmp_path / "cmp.png", "rb") as f:
+        assert f.read(8) == PNG
+    with pytest.raises(report.ReportError, match="labels"):
+        plots.compare(urls, labels=["a"], out=str(tmp_path / "x.png"))
+
+
+def test_paper_diagram_uses_the_papers_notation():
+    text = report.paper_diagram(read_dna("small_conv"))
+    assert text.startswith("Input → C") and text.endswith("Global Pool → Output")
+    assert report.paper_diagram(D.initial_dna()) == "Input → Global Pool → Output"
+
+
+def identity_evaluator(dna, params, key):
+    return TrainResult(params, 0.5, False, 1, 1.0, 1.0, 1, 1, {"train": 0.0})
+
+
+def step_until_child(worker):
+    for _ in range(20):
+        summary = worker.step()
+        if summary["action"] == "reproduce":
+            return summary
+    raise AssertionError("no child reproduced")
+
+
+def test_adjust_changes_what_workers_do_next(tmp_path):
+    cfg = dataclasses.replace(TINY, population=4, mutation_weights={"identity": 1.0})
+    store = open_store(str(tmp_path / "run"))
+    store.write_config(cfg.to_dict())
+    worker = Worker(store, cfg, 0, identity_evaluator, 1, 10)
+    first = step_until_child(worker)
+    assert len(first["mutation"]["names"]) == 1 and first["mutation"]["reinitialised"] == []
+
+    adjust(store, mutations_per_child=3, for_minutes=5)
+    assert step_until_child(worker)["mutation"]["names"] == ["identity"] * 3
+
+    adjust(store, mutations_per_child=3, for_minutes=1, now=time.time() - 120)  # expired
+    assert len(step_until_child(worker)["mutation"]["names"]) == 1
+
+    adjust(store, reset_all_weights=True)
+    assert step_until_child(worker)["mutation"]["reinitialised"], "weights must be reset"
+
+    history, _ = store.read_meta(report.HISTORY)
+    kinds = [e["kind"] for e in history["events"]]
+    assert kinds == ["mutation_rate", "mutation_rate", "weight_reset"]
+    records = report.trained_records(store)
+    path = str(tmp_path / "f1.png")
+    plots.figure1(store, records, records[-1]["id"], path)
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG
+
+
+def test_adjust_refuses_nothing_or_bad_values(tmp_path, capsys):
+    store = open_store(str(tmp_path / "run"))
+    store.write_config(TINY.to_dict())
+    with pytest.raises(EvojaxNasError, match="nothing to adjust"):
+        adjust(store)
+    assert cli.main(["adjust", store.url, "--mutations-per-child", "0"]) == 2
+    assert cli.main(["adjust", store.url, "--for-minutes", "3", "--reset-all-weights"]) == 2
+    assert cli.main(["adjust", store.url, "--reset-all-weights"]) == 0
+    assert "reset_at" in capsys.readouterr().out
