@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evojax_nas.conv import Conv, resolve_impl
 from evojax_nas.dna import DNA, topological_order, vertex_shapes
 
 BN_MOMENTUM = 0.9
@@ -74,9 +75,14 @@ def resolve_inputs(primary: jax.Array, others: Sequence[jax.Array]) -> jax.Array
 
 
 class DNANet(nn.Module):
-    """A classifier whose graph is the DNA's; `train` selects batch statistics for BN."""
+    """A classifier whose graph is the DNA's; `train` selects batch statistics for BN.
+
+    `conv_impl` picks the convolution (`evojax_nas.conv.IMPLS`; "auto" resolves per backend
+    at trace time); every implementation has the same variables.
+    """
 
     dna: DNA
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -108,6 +114,9 @@ class DNANet(nn.Module):
         if not edge.is_conv:
             return x
         stride = 2**edge.stride_log2
+        if resolve_impl(self.conv_impl) != "xla":
+            conv = Conv(depth, edge.filter_shape, stride, self.conv_impl, name=conv_name(edge.id))
+            return conv(x)
         return nn.Conv(
             depth,
             kernel_size=edge.filter_shape,

@@ -1,8 +1,9 @@
 """Training and evaluation of one individual: compiled steps, data resident on the device.
 
 One training step is one compiled XLA program dispatched from Python with its state donated.
-On XLA:CPU a step inside `lax.scan`/`fori_loop` runs many times slower (DESIGN §6,
-jax-ml/jax#12868); per-step dispatch costs a few percent at most.
+With XLA's stock convolution, a step inside `lax.scan`/`fori_loop` on CPU runs many times
+slower (DESIGN §6, jax-ml/jax#12868); `evojax_nas.conv` (the CPU default) removes that gap, but
+per-step dispatch costs a few percent at most and keeps the host-side divergence check simple.
 
 The learning rate is an argument of the compiled step, so a learning-rate mutation never
 recompiles, and compiled programs are cached by architecture key in a `CompileCache` that the
@@ -24,7 +25,9 @@ import numpy as np
 import optax
 
 from evojax_nas.augment import preprocess
+from evojax_nas.conv import compiler_options, resolve_impl
 from evojax_nas.dna import DNA, architecture_key
+from evojax_nas.errors import DataError
 from evojax_nas.model import DNANet, Variables, count_params
 
 
@@ -38,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     eval_batch_size: int = 250
     check_every: int = 100  # steps between host-side checks for a diverged (NaN/inf) loss
+    conv_impl: str = "auto"  # evojax_nas.conv.IMPLS; "auto" picks the fastest on the backend
 
 
 class TrainState(NamedTuple):
@@ -179,11 +183,12 @@ def compile_programs(dna: DNA, dataset, config: TrainConfig, cache: CompileCache
         config.eval_batch_size,
         config.momentum,
         config.weight_decay,
+        resolve_impl(config.conv_impl),
     )
     if key in cache.programs:
         return cache.programs[key]
     start = time.perf_counter()
-    model = DNANet(dna)
+    model = DNANet(dna, conv_impl=config.conv_impl)
     tx = make_optimizer(config)
 
     def count() -> None:
@@ -201,11 +206,14 @@ def compile_programs(dna: DNA, dataset, config: TrainConfig, cache: CompileCache
     perm = sds((n_train,), jnp.int32)
     i32, f32 = sds((), jnp.int32), sds((), jnp.float32)
     rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-    train_c = jax.jit(step, donate_argnums=0).lower(state, x, y, perm, i32, rng, f32).compile()
+    opts = compiler_options()
+    train_c = jax.jit(step, donate_argnums=0, compiler_options=opts)
+    train_c = train_c.lower(state, x, y, perm, i32, rng, f32).compile()
     eb = (config.eval_batch_size, *dataset.x_train.shape[1:])
     xe, ye, me = sds(eb, dataset.x_train.dtype), sds(eb[:1], jnp.int32), sds(eb[:1], jnp.bool_)
-    eval_c = jax.jit(make_eval_step(model, meta)).lower(params, stats, xe, ye, me).compile()
-    predict = jax.jit(make_predict(model, meta))
+    eval_c = jax.jit(make_eval_step(model, meta), compiler_options=opts)
+    eval_c = eval_c.lower(params, stats, xe, ye, me).compile()
+    predict = jax.jit(make_predict(model, meta), compiler_options=opts)
     programs = Programs(
         train_c, eval_c, predict, _flops(train_c), _flops(eval_c), time.perf_counter() - start
     )
@@ -241,8 +249,6 @@ def run_training(
     """Runs `config.steps` compiled steps; stops early when the loss stops being finite."""
     n_train = dataset.x_train.shape[0]
     if n_train < config.batch_size:
-        from evojax_nas.errors import DataError
-
         raise DataError(
             f"{n_train} training examples is fewer than one batch of {config.batch_size}"
         )

@@ -1,0 +1,189 @@
+"""A 2-D convolution (NHWC, no bias, SAME padding) that is fast to train on XLA:CPU.
+
+Two things decide the speed of a training step's convolutions on XLA:CPU (jaxlib 0.10):
+- Which kernel runs them. By default XLA hands every convolution to its YNNPACK fusion, which
+  is ~10x slower than its Eigen convolution on the large-window convolution of a kernel
+  gradient (~1 s against ~70 ms for a 32x32, 64->64, batch-50 layer). `compiler_options`
+  turns that fusion off for convolutions, per compiled program; it helps either
+  implementation below, and is what most of the speed-up comes from.
+- Their layout. Eigen runs only canonical convolutions (input NHWC, kernel HWIO, output NHWC).
+  Autodiff's backward convolutions are not canonical (the kernel gradient contracts over the
+  batch); XLA's layout pass makes them so with transposes, but not inside `lax.scan` loop
+  bodies, where they run many times slower (DESIGN §6, jax-ml/jax#12868). `conv2d` states its
+  backward pass explicitly in canonical form, so it does not depend on that pass:
+      dx = conv(dilate(dy), flipped kernel with in/out swapped)   canonical NHWC/HWIO conv
+      dW = conv(x as (C, H, W, N), dy as (Ho, Wo, N, O))          canonical, batch contracted
+  and a 1x1 convolution is a matmul (after a strided slice for its stride) all the way through.
+
+`Conv` is the Flax module with `nn.Conv`'s parameter (`kernel`, shaped (kh, kw, in, out)), so
+either implementation reads the other's weights; `resolve_impl` picks one per backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla", "custom")
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """The concrete implementation for `impl` on `backend` (default: JAX's default backend).
+
+    Args:
+        impl: One of `IMPLS`; "auto" picks "custom" on CPU and XLA's own convolution elsewhere
+            (TPU and GPU compilers handle the backward layouts themselves).
+        backend: A JAX platform name such as "cpu" or "tpu"; None asks JAX.
+
+    Returns:
+        "xla" or "custom".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown convolution implementation {impl!r} (valid: {IMPLS})")
+    if impl != "auto":
+        return impl
+    return "custom" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options for training programs on `backend` (pass to `jax.jit` or `.compile()`).
+
+    On CPU: XLA's Eigen convolutions instead of its YNNPACK convolution fusion, which is ~10x
+    slower on a backward pass's large-window convolutions (either implementation's), while
+    YNNPACK keeps the dots. Per program, unlike XLA_FLAGS, which binds the whole process and
+    only when set before the backend starts.
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return {}
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+    """(output size, padding before, padding after) of TensorFlow/Flax SAME padding.
+
+    The padding after is negative when the last input rows are never read (e.g. a 1x1 kernel
+    with stride 2 on an even size); `lax.pad` and `conv_general_dilated` accept that.
+    """
+    out = -(-size // stride)
+    total = (out - 1) * stride + kernel - size
+    before = max(total, 0) // 2
+    return out, before, total - before
+
+
+def _forward(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    _, h, wd, _ = x.shape
+    kh, kw = w.shape[:2]
+    _, top, bottom = same_padding(h, kh, stride)
+    _, left, right = same_padding(wd, kw, stride)
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), [(top, bottom), (left, right)], dimension_numbers=_DN
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_kxk(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    return _forward(x, w, stride)
+
+
+def _conv_kxk_fwd(x, w, stride):
+    return _forward(x, w, stride), (x, w)
+
+
+def _conv_kxk_bwd(stride, residuals, dy):
+    x, w = residuals
+    _, h, wd, _ = x.shape
+    kh, kw = w.shape[:2]
+    ho, top, bottom = same_padding(h, kh, stride)
+    wo, left, right = same_padding(wd, kw, stride)
+    # dx: a full correlation of the stride-dilated dy with the flipped kernel, its in/out
+    # channels swapped; the padding puts input row a at the sum over output rows o and taps t
+    # with o*stride + t - top == a. (Splitting a strided one into stride**2 phase convolutions
+    # with exact FLOPs instead measured no faster: Eigen handles the dilation well.)
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx_pad = [
+        (kh - 1 - top, h + top - (ho - 1) * stride - 1),
+        (kw - 1 - left, wd + left - (wo - 1) * stride - 1),
+    ]
+    dx = lax.conv_general_dilated(
+        dy, w_t, (1, 1), dx_pad, lhs_dilation=(stride, stride), dimension_numbers=_DN
+    )
+    # dW: channels play the batch, the batch is contracted as the feature dimension and dy is
+    # the (stride-dilated) window, so that the whole product is one canonical convolution.
+    dw = lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),
+        dy.transpose(1, 2, 0, 3),
+        (1, 1),
+        [(top, bottom), (left, right)],
+        rhs_dilation=(stride, stride),
+        dimension_numbers=_DN,
+    )
+    return dx, dw.transpose(1, 2, 0, 3)
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+def _conv_1x1(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    # SAME padding of a 1x1 kernel is none: the stride only subsamples. Autodiff of a strided
+    # slice and a dot gives a pad and two dots, all in standard layouts.
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    return jnp.einsum("nhwc,co->nhwo", x, w[0, 0])
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+    """SAME-padded convolution of NHWC `x` with HWIO `w`, differentiable in both.
+
+    Args:
+        x: Input, (batch, height, width, in channels).
+        w: Kernel, (kh, kw, in channels, out channels); kh and kw odd.
+        stride: The same stride on both spatial axes.
+
+    Returns:
+        (batch, ceil(height / stride), ceil(width / stride), out channels), as
+        `lax.conv_general_dilated(x, w, (stride, stride), "SAME")` computes it.
+    """
+    if w.shape[:2] == (1, 1):
+        return _conv_1x1(x, w, stride)
+    return _conv_kxk(x, w, stride)
+
+
+def xla_conv2d(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+    """XLA's own convolution with autodiff's backward: the reference and the TPU/GPU path."""
+    return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=_DN)
+
+
+_FUNCTIONS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
+    "xla": xla_conv2d,
+    "custom": conv2d,
+}
+
+
+class Conv(nn.Module):
+    """`nn.Conv(features, kernel_size, strides, padding="SAME", use_bias=False)`, same params.
+
+    Attributes:
+        features: Output channels.
+        kernel_size: (kh, kw), each odd.
+        stride: The stride on both spatial axes.
+        impl: One of `IMPLS`, resolved at trace time by `resolve_impl`.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    stride: int = 1
+    impl: str = "auto"
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        shape = (kh, kw, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        return _FUNCTIONS[resolve_impl(self.impl)](x, kernel.astype(x.dtype), self.stride)
