@@ -130,3 +130,50 @@ def test_create_only_then_a_worker_joins_with_only_the_store_address(tmp_path):
     assert len(open_store(str(run)).records()) == 3
     again = cli("evolve", "--out", str(run), "--population", "3", "--create-only")
     assert again.returncode == 2 and "different config" in again.stderr
+
+
+def test_evolve_status_and_report_on_a_gcs_store(tmp_path):
+    """The at-scale path: workers in their own processes, coordinating through gs:// only."""
+    try:
+        from tests.gcs_emulator import BUCKET, create_bucket, start_emulator
+    except ImportError:
+        from gcs_emulator import BUCKET, create_bucket, start_emulator
+
+    proc, url = start_emulator()
+    try:
+        create_bucket(url)
+        env = {"STORAGE_EMULATOR_HOST": url}
+        run = f"gs://{BUCKET}/e2e-run"
+        out = cli_env(
+            env,
+            "evolve",
+            "--out",
+            run,
+            "--population",
+            "3",
+            "--workers",
+            "2",
+            "--steps",
+            "5",
+            "--max-children",
+            "6",
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr
+        status = cli_env(env, "status", run, "--json")
+        assert status.returncode == 0, status.stderr
+        summary = json.loads(status.stdout)
+        assert summary["individuals_trained"] == 6 and summary["population"] == 3
+        report = cli_env(env, "report", run, "--json", "--out", str(tmp_path / "rep"))
+        assert report.returncode == 0, report.stderr
+        result = json.loads(report.stdout)
+        assert result["best_val_accuracy"] == summary["best_val_accuracy"]
+        assert 0 <= result["best_test_accuracy"] <= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def cli_env(extra_env, *args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout, env=env)
