@@ -8,25 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from importlib import resources
 
 import jax
 
 from evojax_nas import dna as dna_lib
 from evojax_nas import model, mutations
 from evojax_nas.errors import EvojaxNasError
-
-SAMPLES = ("small_conv",)
-
-
-def read_dna(spec: str) -> dna_lib.DNA:
-    """`initial` (the paper's start), a shipped sample's name, or a path to a DNA JSON file."""
-    if spec == "initial":
-        return dna_lib.initial_dna()
-    if spec in SAMPLES:
-        text = resources.files("evojax_nas.samples").joinpath(f"{spec}.json").read_text()
-        return dna_lib.from_json(text)
-    return dna_lib.load(spec)
+from evojax_nas.samples import SAMPLES, read_dna
 
 
 def add_mutate_command(subparsers) -> argparse.ArgumentParser:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 
 import jax
 
@@ -13,19 +12,8 @@ from evojax_nas import dna as dna_lib
 from evojax_nas.data import DATASETS, load_dataset
 from evojax_nas.errors import ConfigError
 from evojax_nas.model import init_variables
+from evojax_nas.samples import SAMPLES, read_dna
 from evojax_nas.train import CompileCache, TrainConfig, train_and_evaluate
-
-SAMPLES = ("small_conv",)
-
-
-def read_dna(spec: str) -> dna_lib.DNA:
-    """`initial`, the name of a shipped sample (`small_conv`), or a path to a DNA JSON file."""
-    if spec == "initial":
-        return dna_lib.initial_dna()
-    if spec in SAMPLES:
-        text = resources.files("evojax_nas.samples").joinpath(f"{spec}.json").read_text()
-        return dna_lib.from_json(text)
-    return dna_lib.load(spec)
 
 
 def positive_int(text: str) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing as mp
+import os
 import queue as queue_lib
+import signal
 import sys
 import time
 from typing import Any
@@ -61,14 +63,12 @@ def worker_main(
     """The body of one worker process (also what `evojax-nas worker` runs)."""
     import logging
 
-    import jax
-
     from evojax_nas.data import load_dataset
     from evojax_nas.evolution import Worker, run_worker, training_evaluator
-    from evojax_nas.train import CompileCache
+    from evojax_nas.train import CompileCache, enable_compilation_cache
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    jax.config.update("jax_compilation_cache_dir", _xla_cache_dir())
+    enable_compilation_cache()
     store = open_store(url, create=False)
     cfg = from_dict(store.read_config())
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
@@ -87,12 +87,18 @@ def worker_main(
         return worker.children
 
 
-def _xla_cache_dir() -> str:
-    import os
-
-    return os.environ.get(
-        "EVOJAX_NAS_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "evojax_nas", "xla")
-    )
+def _stop(procs: list, grace: float = 10.0) -> None:
+    """Interrupts every worker (a Ctrl-C on a terminal reaches them already; a `kill -INT` of
+    this process does not), then terminates the ones still running after `grace` seconds."""
+    for p in procs:
+        if p.is_alive() and p.pid is not None:
+            os.kill(p.pid, signal.SIGINT)
+    end = time.time() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, end - time.time()))
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
 
 
 def split_budget(total: int | None, workers: int) -> list[int | None]:
@@ -170,10 +176,7 @@ def evolve(
                 continue
     except KeyboardInterrupt:
         print("stopping workers (their in-flight children are dropped) …", file=out, flush=True)
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
+        _stop(procs)
         raise
     failed = [p.name for p in procs if p.exitcode not in (0, None)]
     if failed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -86,6 +87,22 @@ class TrainResult:
     def flops(self) -> float:
         """The paper's cost of an individual: Ft·Nt + Fv·Nv."""
         return self.flops_train_step * self.steps_run + self.flops_eval_batch * self.eval_batches
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on XLA's persistent compilation cache for this process (entry points only).
+
+    A repeated architecture then compiles in a fraction of the time in a new process (DESIGN §6).
+    The directory is `$EVOJAX_NAS_XLA_CACHE` (empty turns the cache off), by default
+    `~/.cache/evojax_nas/xla`. Returns the directory used, or None.
+    """
+    default = os.path.join(os.path.expanduser("~"), ".cache", "evojax_nas", "xla")
+    path = os.environ.get("EVOJAX_NAS_XLA_CACHE", default)
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 def _decay_mask(params: Any) -> Any:
