@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from evojax_nas.config import EvolutionConfig, from_dict, load_config, with_overrides
+from evojax_nas.errors import ConfigError
+
+
+def test_paper_config_holds_the_papers_numbers():
+    cfg = load_config("paper")
+    assert (cfg.population, cfg.steps, cfg.batch_size) == (1000, 25_600, 50)
+    assert (cfg.momentum, cfg.weight_decay, cfg.initial_learning_rate) == (0.9, 1e-4, 0.1)
+    assert cfg.selection == "tournament" and cfg.inheritance and cfg.mutation_weights is None
+    assert cfg.dataset == "cifar10"
+
+
+def test_quick_config_is_the_default_and_a_user_can_copy_and_edit_it(tmp_path):
+    quick = load_config("quick")
+    assert quick.dataset == "mnist5k" and quick.max_minutes == 10
+    data = quick.to_dict() | {"population": 7, "selection": "aging", "_doc": "my run"}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    mine = load_config(str(path))
+    assert mine.population == 7 and mine.selection == "aging"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"population": 1}, "population must be at least 2"),
+        ({"population": 2.5}, "'population' must be a positive integer"),
+        ({"steps": 0}, "'steps' must be a positive integer"),
+        ({"selection": "best"}, "selection must be one of"),
+        ({"momentum": float("nan")}, "'momentum' must be a finite number"),
+        ({"initial_learning_rate": 0}, "initial_learning_rate must be > 0"),
+        ({"inheritance": "yes"}, "inheritance must be true or false"),
+        ({"mutation_weights": {"teleport": 1}}, "unknown mutations"),
+        ({"mutation_weights": {"identity": 0}}, "all zero"),
+        ({"max_minutes": -1}, "max_minutes must be > 0"),
+        ({"colour": "red"}, "unknown config fields"),
+    ],
+)
+def test_bad_configs_name_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(EvolutionConfig().to_dict() | change)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no config"):
+        load_config(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(bad))
+
+
+def test_overrides_apply_only_given_values_and_are_validated():
+    cfg = with_overrides(load_config("quick"), population=5, seed=None)
+    assert cfg.population == 5 and cfg.seed == load_config("quick").seed
+    with pytest.raises(ConfigError):
+        with_overrides(cfg, selection="nope")
