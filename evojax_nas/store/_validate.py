@@ -138,3 +138,14 @@ def check_record(record: dict, ind_id: str, what: str) -> dict:
     if record.get("id", ind_id) != ind_id:
         raise CorruptObjectError(f"corrupt object {what}: its id is {record.get('id')!r}")
     return record
+
+
+def publication(
+    ind_id: object, dna: dict, record: dict, fitness: object
+) -> tuple[float, bytes, bytes]:
+    """Checks a publish() call's arguments; returns (fitness, DNA bytes, record bytes)."""
+    check_id(ind_id)
+    fitness = check_fitness(fitness)
+    dna_bytes = dumps(dna, "dna")
+    record = check_record(dict(record), ind_id, "record") | {"id": ind_id}
+    return fitness, dna_bytes, dumps(record, "record")

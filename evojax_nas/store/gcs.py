@@ -136,11 +136,7 @@ class GCSStore(GCSRecordsMixin, Store):
     # -- individuals ------------------------------------------------------------------------
 
     def publish(self, ind_id: str, dna: dict, record: dict, fitness: float, params: Any) -> None:
-        _validate.check_id(ind_id)
-        fitness = _validate.check_fitness(fitness)
-        dna_bytes = _validate.dumps(dna, "dna")
-        record = _validate.check_record(dict(record), ind_id, "record") | {"id": ind_id}
-        record_bytes = _validate.dumps(record, "record")
+        fitness, dna_bytes, record_bytes = _validate.publication(ind_id, dna, record, fitness)
         with tempfile.TemporaryDirectory() as tmp:
             _checkpoint.save(params, os.path.join(tmp, "ckpt"))
             try:  # The create-only record claims the ID.

@@ -99,11 +99,7 @@ class LocalStore(Store):
             raise NotFoundError(f"no run at {self.url}: config.json is missing") from None
 
     def publish(self, ind_id: str, dna: dict, record: dict, fitness: float, params: Any) -> None:
-        _validate.check_id(ind_id)
-        fitness = _validate.check_fitness(fitness)
-        dna_bytes = _validate.dumps(dna, "dna")
-        record = _validate.check_record(dict(record), ind_id, "record") | {"id": ind_id}
-        record_bytes = _validate.dumps(record, "record")
+        fitness, dna_bytes, record_bytes = _validate.publication(ind_id, dna, record, fitness)
         final = self._path("inds", ind_id)
         if os.path.lexists(final):
             raise ConcurrencyError(f"individual {ind_id} already exists in {self.url}")
