@@ -136,7 +136,7 @@ def run_report(args: argparse.Namespace) -> int:
     from evojax_nas.report import write_report
     from evojax_nas.store import open_store
 
-    summary = write_report(open_store(args.store), k=args.ensemble, out_dir=args.out)
+    summary = write_report(open_store(args.store, create=False), k=args.ensemble, out_dir=args.out)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
@@ -161,7 +161,7 @@ def run_export(args: argparse.Namespace) -> int:
     from evojax_nas.export import export_run
     from evojax_nas.store import open_store
 
-    path = export_run(open_store(args.store), args.out, k=args.ensemble)
+    path = export_run(open_store(args.store, create=False), args.out, k=args.ensemble)
     print(f"wrote {path}; load it with evojax_nas.load_model({args.out!r})")
     return 0
 
@@ -170,7 +170,7 @@ def run_adjust(args: argparse.Namespace) -> int:
     from evojax_nas.store import open_store
 
     control = adjust(
-        open_store(args.store),
+        open_store(args.store, create=False),
         mutations_per_child=args.mutations_per_child,
         for_minutes=args.for_minutes,
         reset_all_weights=args.reset_all_weights,

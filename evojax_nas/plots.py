@@ -229,7 +229,7 @@ def compare(
         raise report.ReportError(f"{len(labels)} labels for {len(urls)} stores")
     runs = []
     for i, url in enumerate(urls):
-        summary = report.run_summary(open_store(url), k=1)
+        summary = report.run_summary(open_store(url, create=False), k=1)
         summary["group"] = labels[i] if labels else group_label(summary)
         runs.append(summary)
     groups = _group(runs)

@@ -204,3 +204,21 @@ def test_interrupting_evolve_stops_its_workers_and_keeps_the_run(tmp_path):
     settled = len(open_store(str(run)).records())
     time.sleep(3)  # no orphaned worker goes on publishing
     assert len(open_store(str(run)).records()) == settled >= 4
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "missing-run"],
+        ["worker", "missing-run"],
+        ["report", "missing-run"],
+        ["adjust", "missing-run", "--reset-all-weights"],
+        ["export", "missing-run", "--out", "model"],
+        ["replay", "missing-run", "w000-e000001"],
+    ],
+)
+def test_commands_on_a_mistyped_run_fail_cleanly_and_create_nothing(args, tmp_path):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "no run at" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "missing-run").exists()
