@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from evojax_nas.config import EvolutionConfig, from_dict
-from evojax_nas.errors import ConcurrencyError, ConfigError, NotFoundError
+from evojax_nas.errors import ConcurrencyError, ConfigError, EvojaxNasError, NotFoundError
 from evojax_nas.store import Store, open_store
 
 
@@ -101,6 +101,22 @@ def _stop(procs: list, grace: float = 10.0) -> None:
             p.join(timeout=5)
 
 
+def _worker_process(
+    url: str,
+    worker_id: int,
+    max_children: int | None,
+    deadline: float | None,
+    events: Any,
+    verbose: bool,
+) -> None:
+    """A spawned worker: a user-caused error goes to the parent as one message, not a traceback."""
+    try:
+        worker_main(url, worker_id, max_children, deadline, events, verbose)
+    except EvojaxNasError as exc:
+        events.put({"action": "error", "worker": worker_id, "message": str(exc)})
+        sys.exit(2)
+
+
 def split_budget(total: int | None, workers: int) -> list[int | None]:
     if total is None:
         return [None] * workers
@@ -121,9 +137,13 @@ class Progress:
     flops: float = 0.0
     population: int = 0
     out: Any = sys.stdout
+    errors: list = dataclasses.field(default_factory=list)  # messages of failed workers
 
     def update(self, event: dict) -> None:
         action = event.get("action")
+        if action == "error":
+            self.errors.append(event["message"])
+            return
         self.population = event.get("population", self.population)
         if action == "kill":
             self.kills += 1
@@ -162,7 +182,7 @@ def evolve(
     for budget in split_budget(cfg.max_children, cfg.workers):
         wid = claim_worker_id(store)
         p = ctx.Process(
-            target=worker_main,
+            target=_worker_process,
             args=(url, wid, budget, deadline, events, verbose),
             name=f"evojax-nas-worker-{wid}",
         )
@@ -179,9 +199,9 @@ def evolve(
         _stop(procs)
         raise
     failed = [p.name for p in procs if p.exitcode not in (0, None)]
+    if progress.errors:
+        raise EvojaxNasError(progress.errors[0])
     if failed:
-        from evojax_nas.errors import EvojaxNasError
-
         raise EvojaxNasError(f"worker processes failed: {failed} (run with -v for their logs)")
     settle(store, cfg)
     return progress

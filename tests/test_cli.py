@@ -222,3 +222,23 @@ def test_commands_on_a_mistyped_run_fail_cleanly_and_create_nothing(args, tmp_pa
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "no run at" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "missing-run").exists()
+
+
+def test_evolve_on_an_unprepared_dataset_says_how_to_prepare_it(tmp_path):
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    out = cli(
+        "evolve",
+        "--out",
+        str(tmp_path / "run"),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(empty),
+        "--max-children",
+        "2",
+        timeout=300,
+    )
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "tfds build cifar10" in out.stderr
+    assert "Traceback" not in out.stderr
