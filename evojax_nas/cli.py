@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,17 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evojax-nas", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="evojax-nas",
+        description="Large-Scale Evolution of Image Classifiers (Real et al., 2017) in JAX. "
+        "With no command it runs the default job: `evojax-nas evolve` (quick config).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.add_command(sub)
+        importlib.import_module(name).add_command(sub)
     return parser
 
 
@@ -47,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv:
-        argv = ["evolve"] if "evolve" in parser._subparsers._group_actions[0].choices else ["-h"]
+        argv = ["evolve"]  # the default job
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -67,10 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evojax-nas: interrupted", file=sys.stderr)
         return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
