@@ -28,6 +28,20 @@ STYLES = {  # the paper's Figure 2: evolution solid blue, controls dashed / dash
 }
 
 
+def _finish_axes(ax, unit: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(f"wall time ({unit})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def _pyplot():
     import matplotlib
 
@@ -102,19 +116,14 @@ def figure1(store: Store, records: Sequence[dict], best_id: str, path: str) -> l
             color="#d62728",
         )
     _draw_history(ax, store, start, div)
-    ax.set_xlabel(f"wall time ({unit})")
-    ax.set_ylabel("validation accuracy (%)")
     name = store.url.rstrip("/").split("/")[-1]
-    ax.set_title(f"Progress of the run {name}: {len(records)} individuals")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
+    title = f"Progress of the run {name}: {len(records)} individuals"
+    _finish_axes(ax, unit, "validation accuracy (%)", title)
     text.axis("off")
     text.text(
         0, 1, "\n".join(lines), va="top", family="monospace", fontsize=7.5, transform=text.transAxes
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return shown
 
 
@@ -184,14 +193,8 @@ def figure2(series: Sequence[dict], path: str, end_s: float | None = None) -> No
             c="#d62728",
             label=f"not measured: weights collected ({len(missing)})",
         )
-    ax.set_xlabel(f"wall time ({unit})")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Test accuracy of the best individual by validation")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_axes(ax, unit, "accuracy (%)", "Test accuracy of the best individual by validation")
+    _save(fig, path)
 
 
 def group_label(cfg: dict[str, Any]) -> str:
@@ -297,11 +300,10 @@ def _plot_compare(runs: Sequence[dict], groups: Sequence[dict], out: str) -> Non
         ax.fill_between(
             grid / div, 100 * (mean - 2 * sd), 100 * (mean + 2 * sd), color=color, alpha=0.15, lw=0
         )
-    ax.set_xlabel(f"wall time ({unit})")
-    ax.set_ylabel("test accuracy of the best by validation (%)")
-    ax.set_title("Repeatability and controls (mean ± 2σ over runs)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _finish_axes(
+        ax,
+        unit,
+        "test accuracy of the best by validation (%)",
+        "Repeatability and controls (mean ± 2σ over runs)",
+    )
+    _save(fig, out)
