@@ -249,7 +249,12 @@ def run_status(store: Store, recent_seconds: float = 300.0) -> dict:
         "best_val_accuracy": best["val_accuracy"] if best else None,
         "best_architecture": best.get("architecture") if best else None,
         "best_alive_val_accuracy": max((m.fitness for m in members), default=None),
-        "children_per_minute_last_10min": len(recent) / 10.0,
+        # over the last 10 minutes, or over the run's age when it is younger than that
+        "children_per_minute_last_10min": (
+            len(recent) / min(10.0, max(now - min(r["born"] for r in trained), 60.0) / 60)
+            if trained
+            else 0.0
+        ),
         "children_per_minute_overall": len(trained) / (span / 60) if span > 0 else None,
         "total_flops": math.fsum(r.get("flops", 0.0) for r in trained),
         "workers_seen_recently": len(seen),

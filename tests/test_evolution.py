@@ -212,3 +212,17 @@ def test_weight_reset_replaces_each_older_individual_at_most_once(tmp_path):
     assert {r["parent"] for r in resets} <= before
     for r in resets:  # the replaced individual is dead
         assert r["parent"] not in {m.id for m in store.population()}
+
+
+def test_status_summarises_a_young_run(tmp_path):
+    from evojax_nas.runner import run_status
+
+    store, c, worker = run_synthetic(tmp_path, steps=30)
+    status = run_status(store)
+    trained = len(store.records())
+    assert status["individuals_trained"] == trained
+    assert status["population"] == len(store.population())
+    # A run younger than a minute is rated over one minute, not over ten.
+    assert status["children_per_minute_last_10min"] == trained
+    assert status["best_val_accuracy"] == max(r["val_accuracy"] for r in store.records())
+    assert status["workers_seen_recently"] == 1
