@@ -20,15 +20,8 @@ class GCSRecordsMixin:
     """`records()` and `gc()` for GCSStore (uses its private primitives)."""
 
     def _alive_ids(self) -> dict[str, str]:
-        ids = {}
-        for blob in self._list("pop/"):
-            try:
-                ind_id, _, _ = _validate.parse_marker(self._rel(blob, "pop/"))
-            except CorruptObjectError as e:
-                log.warning("skipping %s", e)
-                continue
-            ids[ind_id] = self._rel(blob, "pop/")
-        return ids
+        # One population listing; it also records each live ID's marker name.
+        return {m.id: self._names[m.id] for m in self.population()}
 
     def _dead(self) -> dict:
         dead = {}
