@@ -186,6 +186,8 @@ def test_net_gradient_accuracy_against_float64():
     At batch 50 (too slow for a test: ~80 s, mostly the float64 reference), XLA's default
     YNNPACK convolutions were off by up to 1.5e-2 (max-abs relative, conv_e13) and the
     `compiler_options` ones by 3.4e-4, with either implementation; at batch 8 both are ~2e-6.
+    On an AVX-512 CPU the Eigen path that those options pick elsewhere was off by 1.2e-2 at
+    batch 8, which is why `compiler_options` keeps XLA's defaults there.
     """
     dna = _sample("bench_conv8.json")
     variables = init_variables(dna, jax.random.PRNGKey(0))
@@ -201,3 +203,13 @@ def test_net_gradient_accuracy_against_float64():
         errors[impl] = _worst_kernel_error(got, ref)
     print(f"8-conv net, worst conv-kernel gradient error vs float64: {errors}")
     assert errors["custom"] < 1e-3
+
+
+def test_compiler_options_follow_the_target_and_the_host_cpu(monkeypatch):
+    monkeypatch.setattr(C, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert C.compiler_options("cpu") == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    }
+    assert C.compiler_options("tpu") == {} and C.compiler_options("gpu") == {}
+    monkeypatch.setattr(C, "host_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert C.compiler_options("cpu") == {}
