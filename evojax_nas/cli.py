@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "evojax_nas.cli_mutate",
     "evojax_nas.cli_evolve",
     "evojax_nas.cli_report",
+    "evojax_nas.cli_data",
 )
 
 

@@ -9,6 +9,7 @@ import time
 from evojax_nas.cli_train import positive_int
 from evojax_nas.config import SELECTIONS, load_config, with_overrides
 from evojax_nas.data import DATASETS
+from evojax_nas.devices import workers_arg
 
 DEFAULT_OUT = "runs/evolve-{time}"
 
@@ -22,9 +23,19 @@ def add_command(sub) -> None:
     )
     p.add_argument("--config", default="quick", help="quick (default), paper, or a JSON file")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--data-dir", help="tensorflow-datasets data_dir for CIFAR (may be gs://)")
+    p.add_argument(
+        "--data-dir",
+        help="CIFAR: the official binary archive (or its folder), or a tensorflow-datasets "
+        "data_dir (may be gs://)",
+    )
     p.add_argument("--population", type=positive_int, help="population set-point")
-    p.add_argument("--workers", type=positive_int, help="local worker processes")
+    p.add_argument(
+        "--workers",
+        type=workers_arg,
+        default="auto",
+        help="local worker processes, or auto (default): one per accelerator chip, each seeing "
+        "only its own; on a CPU the config's number",
+    )
     p.add_argument("--steps", type=positive_int, help="training steps per individual")
     p.add_argument("--max-children", type=int, help="stop after this many children in all")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes")
@@ -46,6 +57,14 @@ def add_command(sub) -> None:
     w.add_argument("store", help="the run's store (directory or gs://bucket/prefix)")
     w.add_argument("--max-children", type=positive_int, default=None)
     w.add_argument("--max-minutes", type=float, default=None)
+    w.add_argument(
+        "--workers",
+        type=workers_arg,
+        default="auto",
+        help="worker processes on this machine, or auto (default): one per accelerator chip, "
+        "each seeing only its own (one on a CPU)",
+    )
+    w.add_argument("--restart", action="store_true", help="restart a worker process that dies")
     w.set_defaults(handler=run_join)
 
     r = sub.add_parser("replay", help="re-derive and retrain one individual; check it matches")
@@ -61,14 +80,19 @@ def add_command(sub) -> None:
 
 
 def run_evolve(args: argparse.Namespace) -> int:
+    from evojax_nas.data import check_dataset
+    from evojax_nas.devices import describe_plan, plan
     from evojax_nas.runner import evolve
 
+    base = load_config(args.config)
+    # auto: one worker per chip; an explicit count: every worker sees every device, as before
+    envs = plan(base.workers) if args.workers == "auto" else None
     cfg = with_overrides(
-        load_config(args.config),
+        base,
         dataset=args.dataset,
         data_dir=args.data_dir,
         population=args.population,
-        workers=args.workers,
+        workers=len(envs) if envs is not None else args.workers,
         steps=args.steps,
         max_children=args.max_children,
         max_minutes=args.max_minutes,
@@ -77,6 +101,7 @@ def run_evolve(args: argparse.Namespace) -> int:
         inheritance=False if args.no_inheritance else None,
     )
     out = args.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+    check_dataset(cfg.dataset, cfg.data_dir)  # a bad dataset fails here, before a run exists
     if args.create_only:
         from evojax_nas.runner import create_or_join
         from evojax_nas.store import open_store
@@ -90,8 +115,10 @@ def run_evolve(args: argparse.Namespace) -> int:
         f"{'' if cfg.inheritance else ', no weight inheritance'}",
         flush=True,
     )
+    if envs is not None:
+        print(f"workers auto: {describe_plan(envs)}", flush=True)
     try:
-        progress = evolve(out, cfg, verbose=args.verbose)
+        progress = evolve(out, cfg, verbose=args.verbose, worker_envs=envs)
     except KeyboardInterrupt:
         print(
             f"stopped. The run is kept: `evojax-nas status {out}`; continue it with "
@@ -106,11 +133,25 @@ def run_evolve(args: argparse.Namespace) -> int:
 
 
 def run_join(args: argparse.Namespace) -> int:
+    from evojax_nas.devices import apply, describe_plan, plan, run_worker_processes
     from evojax_nas.runner import claim_worker_id, create_or_join, worker_main
     from evojax_nas.store import open_store
 
     store = open_store(args.store, create=False)
     create_or_join(store, None)
+    envs = plan(1) if args.workers == "auto" else [{}] * args.workers
+    if len(envs) > 1:
+        print(f"{args.store}: {describe_plan(envs)}", flush=True)
+        extra = []
+        for flag, value in (
+            ("--max-children", args.max_children),
+            ("--max-minutes", args.max_minutes),
+        ):
+            extra += [flag, str(value)] if value is not None else []
+        return run_worker_processes(
+            args.store, envs, extra, restart=args.restart, verbose=args.verbose
+        )
+    apply(envs[0])
     wid = claim_worker_id(store)
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     print(f"worker {wid} joined {args.store}", flush=True)
@@ -143,6 +184,8 @@ def run_status_cmd(args: argparse.Namespace) -> int:
     rate = status["children_per_minute_overall"]
     print(f"children/min      {rate:.2f} overall" if rate else "children/min      n/a")
     print(f"workers seen      {status['workers_seen_recently']} in the last 5 minutes")
+    per_device = ", ".join(f"{n} on {d}" for d, n in status["workers_per_device"].items())
+    print(f"workers/device    {per_device or 'none yet'}")
     return 0
 
 

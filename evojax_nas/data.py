@@ -11,8 +11,10 @@ seed, so that runs with different seeds are compared on the same validation and 
   stratified into 3,500 train / 500 validation / 1,000 test (350 / 50 / 100 per class).
 - ``digits8x8``: scikit-learn's 1,797 8×8 digits, pixel values 0..16 scaled to 0..255, stratified
   the same way (70 % / 10 % / 20 % of each class).
-- ``cifar10`` / ``cifar100``: read with ``tfds.data_source`` (no TensorFlow needed once the
-  dataset is prepared in ``array_record`` format); 10 % of the train split (5,000 of 50,000) is
+- ``cifar10`` / ``cifar100``: read from the official binary archive when ``data_dir`` holds it
+  (`evojax_nas.cifar_binary`, numpy only, same order as tfds), else with ``tfds.data_source``
+  (no TensorFlow needed once the dataset is prepared in ``array_record`` format); 10 % of the
+  train split (5,000 of 50,000) is
   held out as validation, the tfds test split (10,000) is the test set.
 - ``npz:PATH``: a user's ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test``; 10 %
   (at least one) of train is held out as validation.
@@ -42,6 +44,7 @@ _SPLIT_SEED = 20170303
 _VAL_FRACTION = 0.1
 _TEST_FRACTION = 0.2
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+_BINARY_ARCHIVES = {"cifar10": "cifar-10-binary.tar.gz", "cifar100": "cifar-100-binary.tar.gz"}
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -298,14 +301,16 @@ def _read_digits8x8() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_cifar(name: str, data_dir: str | None, *, test: bool) -> _Raw:
-    """CIFAR-10/100 through ``tfds.data_source``; reads only the tfds split(s) needed."""
+    """CIFAR-10/100 from the official binary archive (`evojax_nas.cifar_binary`) when
+    ``data_dir`` holds it, else through ``tfds.data_source``; reads only the split needed."""
     split = "test" if test else "train"
-    source = _open_tfds_split(name, data_dir, split)
-    try:
-        x, y = _read_source(source)
-    except Exception as e:  # Missing or corrupt shards surface only when read.
-        reason = " ".join(str(e).split())
-        raise DataError(f"reading the {split} split of {name} failed: {reason}") from e
+    from evojax_nas import cifar_binary
+
+    found = cifar_binary.find(name, data_dir) if data_dir else None
+    if found is not None:
+        x, y = cifar_binary.read_split(found, split)
+    else:
+        x, y = _read_tfds_split(name, data_dir, split)
     num_classes = _CIFAR_CLASSES[name]
     if test:
         return _Raw(None, None, None, None, x, y, num_classes, "cifar")
@@ -313,11 +318,45 @@ def _load_cifar(name: str, data_dir: str | None, *, test: bool) -> _Raw:
     return _Raw(x[train], y[train], x[val], y[val], None, None, num_classes, "cifar")
 
 
+def _read_tfds_split(name: str, data_dir: str | None, split: str) -> tuple[np.ndarray, ...]:
+    source = _open_tfds_split(name, data_dir, split)
+    try:
+        return _read_source(source)
+    except Exception as e:  # Missing or corrupt shards surface only when read.
+        reason = " ".join(str(e).split())
+        raise DataError(f"reading the {split} split of {name} failed: {reason}") from e
+
+
+def check_dataset(name: str, data_dir: str | None = None) -> None:
+    """Raises the `DataError` that loading would, before a run exists; cheap for CIFAR in tfds.
+
+    Args:
+        name: As for `load_dataset`.
+        data_dir: As for `load_dataset`.
+
+    Raises:
+        DataError: Unknown name, missing or malformed data.
+    """
+    if name not in _CIFAR_CLASSES:
+        _load(name, data_dir, test=False)
+        return
+    from evojax_nas import cifar_binary
+
+    found = cifar_binary.find(name, data_dir) if data_dir else None
+    if found is None:
+        _open_tfds_split(name, data_dir, "train")
+        return
+    for split in ("train", "test"):
+        cifar_binary.read_split(found, split)
+
+
 def _prepare_hint(name: str, data_dir: str | None) -> str:
     where = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
     target = data_dir or "DIR"
     return (
-        f"{name} is not prepared in array_record format under {where}. Prepare it once, on a "
+        f"{name} is not prepared in array_record format under {where}, nor is its binary "
+        f"archive there ({_BINARY_ARCHIVES[name]}, from https://www.cs.toronto.edu/~kriz/cifar.html"
+        "; --data-dir may name it or the folder holding it). Or prepare it once, on a "
         f"machine with internet access: pip install 'evojax_nas[cifar]' tensorflow && tfds build "
         f"{name} --data_dir {target} --file_format array_record ; then pass --data-dir {target}. "
         "--data-dir may be a local directory or a gs:// path shared by all workers (copy the "

@@ -21,6 +21,7 @@ import numpy as np
 
 from evojax_nas import dna as dna_lib
 from evojax_nas.config import EvolutionConfig
+from evojax_nas.devices import device_info
 from evojax_nas.errors import (
     CheckpointError,
     ConcurrencyError,
@@ -266,6 +267,7 @@ class Worker:
             "params": result.param_count,
             "train_seconds": time.time() - start,
             "timings": result.timings,
+            "device": device_info(),  # platform and device kind that trained it
             "born": time.time(),
         }
         self.store.publish(

@@ -108,8 +108,11 @@ def _worker_process(
     deadline: float | None,
     events: Any,
     verbose: bool,
+    env: dict | None = None,
 ) -> None:
     """A spawned worker: a user-caused error goes to the parent as one message, not a traceback."""
+    if env:  # its own chip (evojax_nas.devices), set before anything opens a device
+        os.environ.update(env)
     try:
         worker_main(url, worker_id, max_children, deadline, events, verbose)
     except EvojaxNasError as exc:
@@ -169,9 +172,18 @@ class Progress:
 
 
 def evolve(
-    url: str, cfg: EvolutionConfig, *, verbose: bool = False, out: Any = sys.stdout
+    url: str,
+    cfg: EvolutionConfig,
+    *,
+    verbose: bool = False,
+    out: Any = sys.stdout,
+    worker_envs: list[dict] | None = None,
 ) -> Progress:
-    """Creates (or joins) the run at `url` and runs `cfg.workers` local worker processes."""
+    """Creates (or joins) the run at `url` and runs `cfg.workers` local worker processes.
+
+    `worker_envs` (see `evojax_nas.devices.plan`) gives each worker its own environment, e.g.
+    its own chip; there are then as many workers as environments.
+    """
     store = open_store(url)
     cfg = create_or_join(store, cfg)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -179,11 +191,12 @@ def evolve(
     events = ctx.Queue()
     progress = Progress(cfg.max_children, out=out)
     procs = []
-    for budget in split_budget(cfg.max_children, cfg.workers):
+    envs = worker_envs if worker_envs is not None else [{}] * cfg.workers
+    for budget, env in zip(split_budget(cfg.max_children, len(envs)), envs, strict=True):
         wid = claim_worker_id(store)
         p = ctx.Process(
             target=_worker_process,
-            args=(url, wid, budget, deadline, events, verbose),
+            args=(url, wid, budget, deadline, events, verbose, env),
             name=f"evojax-nas-worker-{wid}",
         )
         p.start()
@@ -259,4 +272,15 @@ def run_status(store: Store, recent_seconds: float = 300.0) -> dict:
         "total_flops": math.fsum(r.get("flops", 0.0) for r in trained),
         "workers_seen_recently": len(seen),
         "workers": seen,
+        "workers_per_device": workers_per_device(trained),
     }
+
+
+def workers_per_device(records: list[dict]) -> dict[str, int]:
+    """How many workers trained on each kind of device (from the records' "device")."""
+    workers: dict[str, set] = {}
+    for r in records:
+        device = r.get("device") if isinstance(r.get("device"), dict) else {}
+        label = f"{device.get('platform', '?')} {device.get('kind', '?')}".strip()
+        workers.setdefault(label, set()).add(r.get("worker"))
+    return {label: len(ids) for label, ids in sorted(workers.items())}

@@ -1,0 +1,288 @@
+"""Local accelerator chips, counted without opening them, and one worker environment per chip.
+
+`evolve --workers auto` and `worker --workers auto` start one worker process per local chip,
+each made to see only its own chip. The chips are counted from the operating system (device
+files, the NVIDIA driver), never through JAX: on a TPU host only one process may own a chip, so
+a parent that opened the TPU to count it would lock its own children out.
+
+- GPU: ``CUDA_VISIBLE_DEVICES=<i>`` and no preallocation of the GPU's memory
+  (``XLA_PYTHON_CLIENT_PREALLOCATE=false``).
+- TPU: ``TPU_VISIBLE_CHIPS=<i>``, ``TPU_CHIPS_PER_PROCESS_BOUNDS=1,1,1``,
+  ``TPU_PROCESS_BOUNDS=1,1,1`` and a port of its own (``TPU_PROCESS_PORT``), so that each process
+  is a single-chip JAX program of its own.
+- CPU: no variables; ``auto`` means the config's number of workers (the behaviour before).
+
+`worker_envs` is pure (platform and chips in, environments out) and tested with simulated
+device lists; `discover` reads the machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+TPU_PORT_BASE = 8476  # libtpu's default port; worker i gets TPU_PORT_BASE + i
+# Set in every worker's environment: what the worker was given (read back into its records).
+ASSIGNED = "EVOJAX_NAS_DEVICE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chips:
+    """The accelerator chips of this host.
+
+    Attributes:
+        platform: ``"cpu"`` (no accelerator), ``"gpu"`` or ``"tpu"``.
+        ids: The chips as the visibility variable names them (``"0"``, ``"1"``, …).
+        source: Where they were found (a path or a command), for messages.
+    """
+
+    platform: str
+    ids: tuple[str, ...] = ()
+    source: str = ""
+
+
+def _split_ids(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def discover(
+    environ: Mapping[str, str] | None = None, dev: str = "/dev", proc: str = "/proc"
+) -> Chips:
+    """Counts this host's accelerator chips without initialising any of them.
+
+    TPU chips are the ``/dev/accel<N>`` files (v2–v4, v5p) or ``/dev/vfio/<N>`` (v5e, v6e);
+    GPUs are the entries of ``/proc/driver/nvidia/gpus`` (else the lines of ``nvidia-smi -L``).
+    Chips the environment already restricts (``TPU_VISIBLE_CHIPS``, ``CUDA_VISIBLE_DEVICES``)
+    are the ones used; ``JAX_PLATFORMS=cpu`` means no accelerator.
+
+    Args:
+        environ: The environment to honour (default: this process's).
+        dev: The device directory (a test passes a fake one).
+        proc: The proc file system (a test passes a fake one).
+
+    Returns:
+        The `Chips`; platform ``"cpu"`` with no IDs when there is no accelerator.
+    """
+    env = os.environ if environ is None else environ
+    wanted = {p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()}
+    if wanted and not wanted & {"tpu", "cuda", "gpu", "rocm"}:
+        return Chips("cpu", (), "JAX_PLATFORMS")
+    if not wanted or "tpu" in wanted:
+        accel = sorted(glob.glob(os.path.join(dev, "accel[0-9]*")))
+        vfio = sorted(p for p in glob.glob(os.path.join(dev, "vfio", "*")) if p[-1].isdigit())
+        found = accel or vfio
+        if found:
+            ids = tuple(str(i) for i in range(len(found)))
+            if env.get("TPU_VISIBLE_CHIPS"):
+                ids = _split_ids(env["TPU_VISIBLE_CHIPS"])
+            return Chips("tpu", ids, os.path.dirname(found[0]))
+    if not wanted or wanted & {"cuda", "gpu"}:
+        count, source = _count_nvidia(proc)
+        if count:
+            ids = tuple(str(i) for i in range(count))
+            if "CUDA_VISIBLE_DEVICES" in env:
+                ids = tuple(i for i in _split_ids(env["CUDA_VISIBLE_DEVICES"]) if i != "-1")
+            if ids:
+                return Chips("gpu", ids, source)
+    return Chips("cpu", (), "")
+
+
+def _count_nvidia(proc: str) -> tuple[int, str]:
+    gpus = os.path.join(proc, "driver", "nvidia", "gpus")
+    if os.path.isdir(gpus) and os.listdir(gpus):
+        return len(os.listdir(gpus)), gpus
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0, ""
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0, ""
+    return len(re.findall(r"^GPU \d+", out, flags=re.MULTILINE)), "nvidia-smi -L"
+
+
+def worker_envs(platform: str, chips: Sequence[str], cpu_workers: int) -> list[dict[str, str]]:
+    """The environment variables of each local worker process, one worker per chip.
+
+    Args:
+        platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``.
+        chips: The chip IDs (see `Chips.ids`); ignored on CPU.
+        cpu_workers: How many workers to run when there is no accelerator.
+
+    Returns:
+        One dict per worker, to be set before the worker imports JAX; on CPU ``cpu_workers``
+        dicts naming only the assignment.
+
+    Raises:
+        ValueError: An unknown platform, or an accelerator platform with no chips.
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; expected one of {PLATFORMS}")
+    if platform == "cpu":
+        return [{ASSIGNED: "cpu"} for _ in range(cpu_workers)]
+    if not chips:
+        raise ValueError(f"platform {platform} with no chips")
+    if platform == "gpu":
+        return [
+            {
+                "CUDA_VISIBLE_DEVICES": chip,
+                "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                ASSIGNED: f"gpu:{chip}",
+            }
+            for chip in chips
+        ]
+    return [
+        {
+            "TPU_VISIBLE_CHIPS": chip,
+            "TPU_CHIPS_PER_PROCESS_BOUNDS": "1,1,1",
+            "TPU_PROCESS_BOUNDS": "1,1,1",
+            "TPU_PROCESS_PORT": str(TPU_PORT_BASE + i),
+            "TPU_PROCESS_ADDRESSES": f"localhost:{TPU_PORT_BASE + i}",
+            ASSIGNED: f"tpu:{chip}",
+        }
+        for i, chip in enumerate(chips)
+    ]
+
+
+def plan(cpu_workers: int, chips: Chips | None = None) -> list[dict[str, str]]:
+    """`worker_envs` for this host (or for `chips`, e.g. simulated ones)."""
+    chips = discover() if chips is None else chips
+    return worker_envs(chips.platform, chips.ids, cpu_workers)
+
+
+def describe_plan(envs: Sequence[Mapping[str, str]]) -> str:
+    """One line naming what each worker gets, e.g. ``4 workers: tpu:0, tpu:1, tpu:2, tpu:3``."""
+    names = [e.get(ASSIGNED, "cpu") for e in envs]
+    if set(names) == {"cpu"}:
+        return f"{len(names)} worker{'s' * (len(names) != 1)} on the CPU (no accelerator found)"
+    return f"{len(names)} workers, one per chip: {', '.join(names)}"
+
+
+def apply(env: Mapping[str, str]) -> None:
+    """Sets a worker's variables in this process; call it before JAX opens a device."""
+    os.environ.update(env)
+
+
+def device_info() -> dict:
+    """The platform and device kind this process trains on (opens the backend), for records."""
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "kind": device.device_kind,
+        "assigned": os.environ.get(ASSIGNED, ""),
+    }
+
+
+def workers_arg(text: str) -> int | str:
+    """argparse type of ``--workers``: a positive integer or ``auto``."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return value
+
+
+# Exit codes a worker ends with on purpose: done, a user error, interrupted.
+_DELIBERATE = (0, 2, 130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def run_worker_processes(
+    store: str,
+    envs: Sequence[Mapping[str, str]],
+    extra_args: Sequence[str] = (),
+    *,
+    restart: bool = False,
+    verbose: bool = False,
+    restart_delay: float = 10.0,
+    out=None,
+    command: Sequence[str] | None = None,
+) -> int:
+    """Runs one ``evojax-nas worker STORE`` process per environment and waits for them all.
+
+    Each process starts with its environment already set (its own chip, before Python starts).
+    An interrupt (Ctrl-C, ``kill -INT`` or ``kill -TERM`` of this process) is passed on to them.
+
+    Args:
+        store: The run's store.
+        envs: One environment per worker (see `plan`).
+        extra_args: More arguments for each ``worker`` command (``--max-children`` …).
+        restart: Restart a worker that dies (a crash or a kill, not a finish or a user error).
+        verbose: Run the workers with ``-v``.
+        restart_delay: Seconds to wait before restarting one.
+        out: Where to print restarts (default stdout).
+        command: The command to run instead of ``evojax-nas worker`` (tests).
+
+    Returns:
+        0 if every worker finished cleanly, else the first non-zero exit code (2 stays 2).
+    """
+    out = sys.stdout if out is None else out
+    if command is None:
+        command = [sys.executable, "-m", "evojax_nas.cli", *["-v"] * verbose, "worker", store]
+        command += ["--workers", "1", *extra_args]
+
+    def start(env: Mapping[str, str]) -> subprocess.Popen:
+        return subprocess.Popen(command, env={**os.environ, **env})
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background by a shell
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the workers inherit it
+    procs = [start(env) for env in envs]
+    codes: list[int | None] = [None] * len(procs)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while any(c is None for c in codes):
+            for i, p in enumerate(procs):
+                if codes[i] is not None or p.poll() is None:
+                    continue
+                if restart and p.returncode not in _DELIBERATE:
+                    print(
+                        f"worker process on {envs[i].get(ASSIGNED, 'cpu')} died "
+                        f"(exit {p.returncode}); restarting it in {restart_delay:g} s",
+                        file=out,
+                        flush=True,
+                    )
+                    time.sleep(restart_delay)
+                    procs[i] = start(envs[i])
+                else:
+                    codes[i] = p.returncode
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _interrupt_all(procs)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [c for c in codes if c]
+    return (2 if 2 in failed else failed[0] if failed[0] > 0 else 1) if failed else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupt_all(procs: Sequence[subprocess.Popen], grace: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    end = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
