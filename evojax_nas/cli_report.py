@@ -16,6 +16,7 @@ from evojax_nas.errors import ConcurrencyError, EvojaxNasError
 from evojax_nas.store import Store
 
 CONTROL = "control"  # the same name as evolution.CONTROL (not imported: that pulls in JAX)
+MAX_MUTATIONS = 100  # the same bound as evolution.MAX_MUTATIONS: workers ignore a bigger value
 HISTORY = "history"
 
 
@@ -61,8 +62,11 @@ def adjust(
         raise EvojaxNasError(
             "nothing to adjust: give --mutations-per-child K or --reset-all-weights"
         )
-    if mutations_per_child is not None and mutations_per_child < 1:
-        raise EvojaxNasError(f"--mutations-per-child must be >= 1, got {mutations_per_child}")
+    if mutations_per_child is not None and not 1 <= mutations_per_child <= MAX_MUTATIONS:
+        raise EvojaxNasError(
+            f"--mutations-per-child must be between 1 and {MAX_MUTATIONS}, got "
+            f"{mutations_per_child}"
+        )
     if for_minutes is not None and (mutations_per_child is None or for_minutes <= 0):
         raise EvojaxNasError("--for-minutes needs --mutations-per-child and a positive value")
     store.read_config()  # NotFoundError (a user error) when there is no run here

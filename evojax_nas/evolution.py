@@ -1,10 +1,11 @@
 """The asynchronous worker loop of the paper (§3.1) with a population set-point.
 
-Each step a worker lists the population once, picks two individuals at random, and — at or
-above the set-point — kills the worse, or — below it — reproduces the better: loads its DNA and
-weights, mutates, trains, evaluates on validation, and publishes the child. Workers share
-nothing but the store; a lost race (the individual is already dead, a create-only write lost)
-abandons the step. Every random choice comes from `event_key(seed, worker, event)`.
+Each step a worker lists the population once and picks two individuals at random; the better
+reproduces (its DNA and weights are loaded, mutated, trained, evaluated on validation, and the
+child is published) and — at or above the set-point — the worse is killed first, in the same
+event, as in the paper's §3.1. Workers share nothing but the store; a lost race (the individual
+is already dead, a create-only write lost) abandons the step.
+Every random choice comes from `event_key(seed, worker, event)`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from evojax_nas.errors import (
     NotFoundError,
     StoreError,
 )
-from evojax_nas.model import init_variables
-from evojax_nas.mutations import mutate
+from evojax_nas.model import flatten, init_variables, variable_shapes
+from evojax_nas.mutations import MutationError, mutate
 from evojax_nas.store import Member, Store
 from evojax_nas.train import CompileCache, TrainConfig, TrainResult, train_and_evaluate
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Purposes folded into an event's key, so that each kind of random choice has its own stream.
 SELECT, MUTATE, INIT, TRAIN = 0, 1, 2, 3
+MAX_MUTATIONS = 100  # the most mutations per child `adjust` accepts
 CONTROL = "control"  # meta file that `adjust` writes and workers read each step
 SEEDED = "seeded"  # meta file: the initial population has been created
 
@@ -54,9 +56,20 @@ def child_id(worker_id: int, event: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-    action: str  # "initial", "kill" or "reproduce"
-    target: str | None = None  # the individual killed or reproduced
+    """What one event does: at the set-point kill `kill`, then reproduce `parent` (paper §3.1).
+
+    Below the set-point `kill` is None: the event only reproduces, so the population grows back.
+    """
+
+    action: str  # "initial" or "reproduce"
+    kill: str | None = None  # killed first, at or above the set-point
+    parent: str | None = None  # reproduced
     pair: tuple[str, ...] = ()
+
+    @property
+    def target(self) -> str | None:
+        """The individual this event acts on first: the one it kills, else the parent."""
+        return self.kill if self.kill is not None else self.parent
 
 
 def _uniforms(key: jax.Array, n: int) -> np.ndarray:
@@ -77,6 +90,13 @@ def decide(
     Until the population first reaches its set-point (`seeded` False), workers create initial
     individuals: the paper starts from a full population of them. Later, too few individuals
     to pick a pair also gives a fresh initial one.
+
+    Otherwise every event reproduces, and at or above the set-point it first kills, choosing
+    both from one draw (paper §3.1: "the worst of the pair is immediately removed ... the best
+    of the pair is selected to be a parent"): tournament kills the worse of a random pair and
+    breeds the better; random (the paper's control) picks which of the pair dies by a coin;
+    aging kills the oldest of the population and breeds the best of a random sample. Below the
+    set-point nothing is killed, so a population that lost members grows back.
     """
     members = sorted(members, key=lambda m: m.id)  # listing order must not matter
     n = len(members)
@@ -87,22 +107,85 @@ def decide(
     chosen = [members[i] for i in _pick_distinct(u, n, sample)]
     ids = tuple(m.id for m in chosen)
     full = n >= cfg.population
-    if cfg.selection == "tournament":
+    if cfg.selection == "tournament":  # §3.1: the worse of the pair dies, the better reproduces
         a, b = chosen
         better, worse = (a, b) if a.fitness >= b.fitness else (b, a)
-        return Decision("kill", worse.id, ids) if full else Decision("reproduce", better.id, ids)
-    if cfg.selection == "random":  # the paper's random-search control: fitness is ignored
-        victim = chosen[int(u[-1] * 2) % 2]
-        return Decision("kill" if full else "reproduce", victim.id, ids)
-    # aging (regularized evolution): the oldest dies; the best of a random sample reproduces
-    if full:
-        oldest = min(members, key=lambda m: (m.birth, m.id))
-        return Decision("kill", oldest.id, ids)
-    best = max(chosen, key=lambda m: (m.fitness, m.id))
-    return Decision("reproduce", best.id, ids)
+        victim, parent = worse.id, better.id
+    elif cfg.selection == "random":  # the paper's random-search control: fitness is ignored
+        i = int(u[-1] * 2) % 2
+        victim, parent = chosen[i].id, chosen[1 - i].id
+    else:  # aging (regularized evolution): the oldest dies; the best of a sample reproduces
+        victim = min(members, key=lambda m: (m.birth, m.id)).id
+        parent = max(chosen, key=lambda m: (m.fitness, m.id)).id
+    return Decision("reproduce", victim if full else None, parent, ids)
 
 
 Evaluator = Callable[[dna_lib.DNA, Any, jax.Array], TrainResult]
+
+# What an individual can be wrong with: it is killed, the worker goes on.
+BAD_INDIVIDUAL = (CorruptObjectError, CheckpointError, DNAError, MutationError)
+MAX_VARIABLE_BYTES = 1 << 31  # 2 GiB of float32 variables: far beyond the paper's largest model
+
+
+def variable_bytes(dna: dna_lib.DNA) -> int:
+    """The bytes of an individual's float32 variables, from its DNA alone (nothing allocated)."""
+    return 4 * sum(math.prod(shape) for shape in variable_shapes(dna).values())
+
+
+def load_parent(store: Store, ind_id: str, input_channels: int, num_classes: int):
+    """Reads an individual's DNA and weights, refusing any that do not fit the run.
+
+    Raises:
+        DNAError: its DNA is malformed, does not fit the data, or is too big to train.
+        CheckpointError: its weights are too big, or differ in names, shapes or dtypes from
+            what its DNA implies.
+    """
+    dna = dna_lib.from_dict(store.read_dna(ind_id))
+    if (dna.input_channels, dna.num_classes) != (input_channels, num_classes):
+        raise DNAError(
+            f"{ind_id} is for {dna.input_channels} input channels and {dna.num_classes} classes;"
+            f" the data has {input_channels} and {num_classes}"
+        )
+    size = variable_bytes(dna)
+    if size > MAX_VARIABLE_BYTES:
+        raise DNAError(f"{ind_id} needs {size:.3e} bytes of weights (limit {MAX_VARIABLE_BYTES})")
+    params = store.read_params(ind_id, max_bytes=size)
+    if params is not None:
+        check_variables(dna, params, ind_id)
+    return dna, params
+
+
+def check_variables(dna: dna_lib.DNA, variables: Any, ind_id: str) -> None:
+    """Raises CheckpointError unless `variables` has exactly the float32 shapes of `dna`."""
+    try:
+        got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(variables).items()}
+    except (AttributeError, TypeError) as exc:
+        raise CheckpointError(f"weights of {ind_id} are malformed: {exc}") from None
+    want = {k: (tuple(s), np.dtype(np.float32)) for k, s in variable_shapes(dna).items()}
+    if got != want:
+        bad = sorted(
+            str(k) for k in set(got) ^ set(want) | {k for k in got if got[k] != want.get(k)}
+        )
+        raise CheckpointError(f"weights of {ind_id} do not match its DNA: {bad[:3]}")
+
+
+def parse_control(value: Any) -> dict:
+    """The well-typed fields of the `control` meta file; wrong-typed ones are ignored, logged."""
+    if not isinstance(value, dict):
+        if value is not None:
+            log.warning("ignoring meta/%s: not a JSON object", CONTROL)
+        return {}
+    out = {}
+    for name, ok in (
+        ("mutations_per_child", lambda v: type(v) is int and 1 <= v <= MAX_MUTATIONS),
+        ("mutations_until", lambda v: type(v) in (int, float)),
+        ("reset_at", lambda v: type(v) in (int, float)),
+    ):
+        if name in value and ok(value[name]):
+            out[name] = value[name]
+        elif name in value:
+            log.warning("ignoring meta/%s field %s=%r: wrong type", CONTROL, name, value[name])
+    return out
 
 
 @dataclasses.dataclass
@@ -123,48 +206,75 @@ class Worker:
     seeded: bool = False  # the population has reached its set-point once (meta SEEDED)
 
     def step(self) -> dict:
-        """One event; returns a summary dict (also what the progress display shows)."""
+        """One event; returns a summary dict (also what the progress display shows).
+
+        Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
+        race abandons the event; an individual that cannot be loaded, fitted to the data or
+        trained is killed with its reason logged; a storage failure that outlived the store's
+        retries abandons the event. Only errors of the run's own config propagate.
+        """
         event, key = self.event, event_key(self.cfg.seed, self.worker_id, self.event)
         self.event += 1
-        control = self._control()
-        members = self.store.population()
-        decision = decide(members, key, self.cfg, self._seeded(len(members)))
-        self.store.heartbeat(
-            self.worker_id,
-            {
-                "event": event,
-                "action": decision.action,
-                "target": decision.target,
-                "time": time.time(),
-            },
-        )
+        members: list[Member] = []
+        decision = Decision("initial")
         try:
-            if decision.action == "kill":
-                self.store.kill(decision.target)
-                return {"action": "kill", "id": decision.target, "population": len(members)}
+            control = parse_control(self.store.read_meta(CONTROL)[0])
+            members = self.store.population()
+            decision = decide(members, key, self.cfg, self._seeded(len(members)))
+            info = {"event": event, "action": decision.action, "target": decision.target}
+            self.store.heartbeat(self.worker_id, info | {"time": time.time()})
+            if decision.kill is not None:  # the worse dies first; losing this race voids the event
+                self.store.kill(decision.kill)
             if decision.action == "initial":
                 record = self._create_initial(key, event)
             else:
-                birth = next(m.birth for m in members if m.id == decision.target) / 1e9
-                record = self._reproduce(decision.target, key, event, control, birth)
-        except (ConcurrencyError, NotFoundError) as exc:
-            log.info("worker %d event %d abandoned: %s", self.worker_id, event, exc)
-            return {"action": "abandoned", "reason": str(exc), "population": len(members)}
-        except (CorruptObjectError, CheckpointError, DNAError) as exc:
-            # A damaged individual must not stop the run: drop it from the population.
-            log.warning(
-                "worker %d: %s is damaged (%s); killing it", self.worker_id, decision.target, exc
-            )
-            self._kill_quietly(decision.target)
-            return {"action": "abandoned", "reason": str(exc), "population": len(members)}
-        return {"action": decision.action, "population": len(members) + 1, **record}
+                birth = next(m.birth for m in members if m.id == decision.parent) / 1e9
+                record = self._reproduce(decision.parent, key, event, control, birth)
+        except ConcurrencyError as exc:
+            return self._abandon(event, members, exc)
+        except NotFoundError as exc:
+            # Listed alive yet unreadable: a phantom (its DNA or checkpoint is gone), unless it
+            # died meanwhile. Killing it settles both cases: a phantom must not live forever.
+            return self._drop(decision.parent, event, members, exc)
+        except BAD_INDIVIDUAL as exc:
+            return self._drop(decision.parent, event, members, exc)
+        except (StoreError, OSError) as exc:  # the store's retries gave up, or a local fault
+            log.warning("worker %d event %d: storage failed: %s", self.worker_id, event, exc)
+            if isinstance(exc, OSError):
+                time.sleep(1.0)  # e.g. a full disk: do not spin
+            return self._abandon(event, members, exc)
+        except Exception as exc:
+            if decision.action == "initial":
+                raise  # an initial individual that cannot train is the run's own config's fault
+            return self._drop(decision.parent, event, members, exc)  # it cannot be trained
+        summary = {"action": decision.action, "population": len(members) + 1, **record}
+        if decision.kill is not None:
+            summary |= {"killed": decision.kill, "population": len(members)}
+        return summary
+
+    def _abandon(self, event: int, members: list[Member], exc: BaseException) -> dict:
+        log.info("worker %d event %d abandoned: %s", self.worker_id, event, exc)
+        return {"action": "abandoned", "reason": str(exc), "population": len(members)}
+
+    def _drop(self, ind_id: str | None, event: int, members: list, exc: BaseException) -> dict:
+        """Kills an individual this worker cannot use, logging why; the event is abandoned."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if ind_id is not None:
+            log.warning("worker %d: killing %s: %s", self.worker_id, ind_id, reason)
+            self._kill_quietly(ind_id)
+        return {
+            "action": "abandoned",
+            "reason": reason,
+            "dropped": ind_id,
+            "population": len(members),
+        }
 
     def _kill_quietly(self, ind_id: str | None) -> None:
         if ind_id is None:
             return
         try:
             self.store.kill(ind_id)
-        except StoreError:
+        except (StoreError, OSError):
             pass  # someone else killed it, or it cannot be killed: either way it is out
 
     def _seeded(self, population: int) -> bool:
@@ -177,10 +287,6 @@ class Worker:
                 pass  # another worker marked it first
             self.seeded = True
         return self.seeded
-
-    def _control(self) -> dict:
-        value, _ = self.store.read_meta(CONTROL)
-        return value or {}
 
     def _create_initial(self, key: jax.Array, event: int) -> dict:
         dna = dna_lib.initial_dna(
@@ -201,13 +307,12 @@ class Worker:
     def _reproduce(
         self, parent_id: str, key: jax.Array, event: int, control: dict, parent_birth: float
     ) -> dict:
-        parent = dna_lib.from_dict(self.store.read_dna(parent_id))
-        params = self.store.read_params(parent_id)
+        parent, params = load_parent(self.store, parent_id, self.input_channels, self.num_classes)
         weights, count = self.cfg.mutation_weights, self.cfg.mutations_per_child
         if control.get("mutations_per_child") and time.time() < control.get(
             "mutations_until", math.inf
         ):
-            count = int(control["mutations_per_child"])  # a period of higher mutation rate
+            count = control["mutations_per_child"]  # a period of higher mutation rate
         # A population-wide weight reset: an individual born before it is replaced, once, by
         # the same architecture retrained from fresh weights (paper §5, supplementary S3).
         replace = bool(control.get("reset_at")) and parent_birth < control["reset_at"]

@@ -1,8 +1,9 @@
-"""Replaying one individual from its record: the same key must give the same child.
+"""Replaying individuals from their records: the same key must give the same child.
 
 A record holds the event key that made the individual. Replaying re-derives the child from the
 parent's stored DNA and weights (or the initial individual from nothing), retrains it, and
 compares DNA, validation accuracy and every weight bit with what the store holds.
+`replay_many` does it for a whole run or one lineage and gives each individual a verdict.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import numpy as np
 
 from evojax_nas import dna as dna_lib
 from evojax_nas.config import from_dict as config_from_dict
-from evojax_nas.errors import EvojaxNasError, NotFoundError
+from evojax_nas.errors import CheckpointError, EvojaxNasError, NotFoundError, StoreError
 from evojax_nas.evolution import INIT, MUTATE, TRAIN, Evaluator
 from evojax_nas.model import flatten, init_variables
 from evojax_nas.mutations import mutate
 from evojax_nas.store import Store
+
+
+class ParentCollected(EvojaxNasError):
+    """The parent's weights were garbage-collected: the child cannot be re-derived."""
 
 
 def _key(record: dict) -> jax.Array:
@@ -38,7 +43,7 @@ def rebuild(store: Store, record: dict, input_channels: int, num_classes: int):
     try:
         params = store.read_params(parent_id)
     except NotFoundError as exc:
-        raise EvojaxNasError(
+        raise ParentCollected(
             f"cannot replay {record['id']}: its parent's weights are gone ({exc}); "
             "runs keep them for gc_grace_seconds after the parent dies"
         ) from None
@@ -87,4 +92,69 @@ def replay(
         "weights_match": weights,
     }
     out["matches"] = bool(out["dna_matches"] and out["accuracy_matches"] and weights is not False)
+    return out
+
+
+REPRODUCED, NOT_CHECKABLE, MISMATCH = "reproduced", "not checkable", "MISMATCH"
+
+
+def lineage(store: Store, ind_id: str) -> list[str]:
+    """The IDs from an initial individual down to `ind_id`, following the records' parents."""
+    chain: list[str] = []
+    current: str | None = ind_id
+    while current is not None:
+        if current in chain:
+            raise EvojaxNasError(f"the records of {ind_id}'s ancestors form a cycle at {current}")
+        chain.append(current)
+        current = store.read_record(current).get("parent")
+    return chain[::-1]
+
+
+def verdict(
+    store: Store, ind_id: str, evaluate: Evaluator, input_channels: int, num_classes: int
+) -> dict:
+    """Replays one individual; never raises for a damaged or uncheckable one.
+
+    Returns:
+        `replay`'s dict (when it ran) plus "verdict" (REPRODUCED, NOT_CHECKABLE or MISMATCH)
+        and "detail" (what differs, or why it could not be checked).
+    """
+    try:
+        out = replay(store, ind_id, evaluate, input_channels, num_classes)
+    except ParentCollected:
+        return {"id": ind_id, "verdict": NOT_CHECKABLE, "detail": "parent weights collected"}
+    except (StoreError, CheckpointError, EvojaxNasError) as exc:
+        return {"id": ind_id, "verdict": MISMATCH, "detail": f"damaged: {exc}"}
+    except (ValueError, TypeError, KeyError) as exc:  # a well-formed record of the wrong shape
+        return {"id": ind_id, "verdict": MISMATCH, "detail": f"damaged record: {exc!r}"}
+    differs = [
+        name
+        for name, ok in (
+            ("DNA", out["dna_matches"]),
+            ("validation accuracy", out["accuracy_matches"]),
+            ("weights", out["weights_match"] is not False),
+        )
+        if not ok
+    ]
+    if differs:
+        return out | {"verdict": MISMATCH, "detail": "different " + ", ".join(differs)}
+    detail = "bit for bit" if out["weights_match"] else "DNA and accuracy (own weights collected)"
+    return out | {"verdict": REPRODUCED, "detail": detail}
+
+
+def replay_many(
+    store: Store,
+    ids: list[str],
+    evaluate: Evaluator,
+    input_channels: int,
+    num_classes: int,
+    on_verdict=None,
+) -> list[dict]:
+    """`verdict` for each of `ids`, in order; `on_verdict` sees each as soon as it is known."""
+    out = []
+    for ind_id in ids:
+        v = verdict(store, ind_id, evaluate, input_channels, num_classes)
+        if on_verdict is not None:
+            on_verdict(v)
+        out.append(v)
     return out

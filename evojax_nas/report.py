@@ -303,14 +303,19 @@ def write_report(store: Store, k: int = 3, out_dir: str | None = None) -> dict[s
     """
     from evojax_nas import plots  # plots imports this module
 
-    summary = run_summary(store, k)
     out = output_dir(store, out_dir)
+    if out_dir is None and os.path.islink(out):  # a store's contents may be hostile
+        raise EvojaxNasError(f"{out} is a symlink; refusing to write through it (use --out)")
+    summary = run_summary(store, k)
     os.makedirs(out, exist_ok=True)
     records = trained_records(store)
     paths = {
         name: os.path.join(out, name)
         for name in ("figure1.png", "figure2.png", "architecture.txt", "report.json")
     }
+    for path in paths.values():  # replace, never write through, a symlink left in its place
+        if os.path.islink(path):
+            os.unlink(path)
     shown = plots.figure1(store, records, summary["best_id"], paths["figure1.png"])
     plots.figure2(summary["progress"], paths["figure2.png"], 3600 * summary["wall_hours"])
     with open(paths["architecture.txt"], "w", encoding="utf-8") as f:

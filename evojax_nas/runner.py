@@ -18,7 +18,7 @@ from typing import Any
 
 from evojax_nas.config import EvolutionConfig, from_dict
 from evojax_nas.errors import ConcurrencyError, ConfigError, EvojaxNasError, NotFoundError
-from evojax_nas.store import Store, open_store
+from evojax_nas.store import Store, open_store, retrying
 
 
 def create_or_join(store: Store, cfg: EvolutionConfig | None) -> EvolutionConfig:
@@ -41,15 +41,29 @@ def create_or_join(store: Store, cfg: EvolutionConfig | None) -> EvolutionConfig
     return stored
 
 
+WORKER_COUNTER = "worker-ids"  # meta file: {"next": the next unclaimed worker ID}
+
+
 def claim_worker_id(store: Store, start: int = 0) -> int:
-    """The lowest worker ID not yet claimed in this run (create-only write: no two share one)."""
-    wid = start
+    """A worker ID no other worker of this run has: compare-and-swap on a counter, O(1) requests
+    however many workers the run ever started."""
     while True:
+        value, version = store.read_meta(WORKER_COUNTER)
+        nxt = value.get("next") if isinstance(value, dict) else None
+        if type(nxt) is not int or nxt < 0:
+            nxt = _first_unclaimed(store, start)  # a new run, a damaged counter or an old run
         try:
-            store.write_meta(f"worker-{wid}", {"claimed": time.time()}, expected_version=None)
-            return wid
+            store.write_meta(WORKER_COUNTER, {"next": nxt + 1, "time": time.time()}, version)
         except ConcurrencyError:
-            wid += 1
+            continue  # another worker claimed meanwhile: read the counter again
+        return nxt
+
+
+def _first_unclaimed(store: Store, wid: int) -> int:
+    """The lowest ID past the per-ID claims an older version of this code made."""
+    while store.read_meta(f"worker-{wid}")[0] is not None:
+        wid += 1
+    return wid
 
 
 def worker_main(
@@ -69,7 +83,7 @@ def worker_main(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     enable_compilation_cache()
-    store = open_store(url, create=False)
+    store = retrying(open_store(url, create=False))  # waits out storage outages
     cfg = from_dict(store.read_config())
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
     worker = Worker(
@@ -251,7 +265,7 @@ def run_status(store: Store, recent_seconds: float = 300.0) -> dict:
     now = time.time()
     recent = [r for r in trained if now - r["born"] < 600]
     span = (max(r["born"] for r in trained) - min(r["born"] for r in trained)) if trained else 0
-    seen = [w for w in store.workers() if now - w.get("time", 0) < recent_seconds]
+    seen = [w for w in store.workers(recent_seconds) if now - w.get("time", 0) < recent_seconds]
     return {
         "store": store.url,
         "config": cfg.to_dict(),

@@ -40,21 +40,21 @@ def test_too_few_individuals_or_unseeded_population_creates_initial_ones():
     assert decide(members(5), event_key(0, 0, 0), cfg(), seeded=True).action == "reproduce"
 
 
-def test_tournament_never_kills_the_better_of_a_pair_300_trials():
+def test_tournament_kills_the_worse_and_reproduces_the_better_of_one_pair_300_trials():
     full, fitness = members(10), {m.id: m.fitness for m in members(10)}
     for event in range(TRIALS):
         d = decide(full, event_key(1, 0, event), cfg(selection="tournament"))
-        assert d.action == "kill" and len(d.pair) == 2 and d.target in d.pair
-        other = next(i for i in d.pair if i != d.target)
-        assert fitness[d.target] <= fitness[other]
+        assert d.action == "reproduce" and len(d.pair) == 2
+        assert {d.kill, d.parent} == set(d.pair)  # paper §3.1: one pair per event
+        assert fitness[d.kill] <= fitness[d.parent]
 
 
 def test_tournament_reproduces_the_better_below_the_set_point_300_trials():
     some, fitness = members(6), {m.id: m.fitness for m in members(6)}
     for event in range(TRIALS):
         d = decide(some, event_key(2, 0, event), cfg(selection="tournament"))
-        assert d.action == "reproduce"
-        assert fitness[d.target] == max(fitness[i] for i in d.pair)
+        assert d.action == "reproduce" and d.kill is None
+        assert fitness[d.parent] == max(fitness[i] for i in d.pair)
 
 
 def test_pairs_are_uniform_over_the_population_300_trials():
@@ -70,9 +70,8 @@ def test_random_selection_ignores_fitness_300_trials():
     better_killed = 0
     for event in range(TRIALS):
         d = decide(full, event_key(4, 0, event), cfg(selection="random"))
-        assert d.action == "kill"
-        other = next(i for i in d.pair if i != d.target)
-        better_killed += fitness[d.target] > fitness[other]
+        assert {d.kill, d.parent} == set(d.pair)
+        better_killed += fitness[d.kill] > fitness[d.parent]
     assert 0.35 * TRIALS < better_killed < 0.65 * TRIALS
 
 
@@ -82,10 +81,10 @@ def test_aging_kills_the_oldest_and_reproduces_the_best_of_a_sample_300_trials()
     fitness = {m.id: m.fitness for m in full}
     for event in range(TRIALS):
         d = decide(full, event_key(5, 0, event), cfg(selection="aging", aging_sample=3))
-        assert d.action == "kill" and d.target == oldest
+        assert d.kill == oldest and fitness[d.parent] == max(fitness[i] for i in d.pair)
         r = decide(full[:9], event_key(5, 1, event), cfg(selection="aging", aging_sample=3))
-        assert r.action == "reproduce" and len(r.pair) == 3
-        assert fitness[r.target] == max(fitness[i] for i in r.pair)
+        assert r.action == "reproduce" and len(r.pair) == 3 and r.kill is None
+        assert fitness[r.parent] == max(fitness[i] for i in r.pair)
 
 
 def synthetic_evaluator(calls):

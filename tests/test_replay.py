@@ -1,4 +1,6 @@
 import dataclasses
+import json
+import shutil
 
 import numpy as np
 
@@ -63,3 +65,82 @@ def test_replay_detects_a_different_key(tmp_path):
     assert not out["matches"]
     assert not (out["dna_matches"] and out["weights_match"])
     assert np.isfinite(out["val_accuracy"])
+
+
+# -- replay of a whole run or a lineage ---------------------------------------------------------
+
+
+def _verdicts(store, evaluate, ids=None):
+    from evojax_nas.replay import replay_many
+
+    ids = ids if ids is not None else [r["id"] for r in store.records()]
+    return {v["id"]: v for v in replay_many(store, ids, evaluate, 3, 4)}
+
+
+def test_replay_all_reproduces_every_individual_and_names_tampering(tmp_path):
+    from evojax_nas.replay import MISMATCH, REPRODUCED
+
+    store, evaluate = tiny_run(tmp_path)
+    verdicts = _verdicts(store, evaluate)
+    assert len(verdicts) >= 6
+    assert all(v["verdict"] == REPRODUCED for v in verdicts.values()), verdicts
+    children = sorted(i for i, v in verdicts.items() if store.read_record(i)["parent"])
+    ckpt_victim, record_victim = children[0], children[-1]
+    root = tmp_path / "run" / "inds"  # a tampered checkpoint: another individual's weights
+    shutil.rmtree(root / ckpt_victim / "ckpt")
+    shutil.copytree(root / children[1] / "ckpt", root / ckpt_victim / "ckpt")
+    record = store.read_record(record_victim)
+    record["val_accuracy"] = 0.999
+    (root / record_victim / "record.json").write_text(json.dumps(record))
+    after = _verdicts(store, evaluate)
+    assert after[ckpt_victim]["verdict"] == MISMATCH
+    assert after[record_victim]["verdict"] == MISMATCH
+    assert "accuracy" in after[record_victim]["detail"]
+    assert {i for i, v in after.items() if v["verdict"] == MISMATCH} <= {
+        ckpt_victim,
+        record_victim,
+    } | {i for i in verdicts if store.read_record(i)["parent"] == ckpt_victim}
+
+
+def test_lineage_runs_from_an_initial_individual(tmp_path):
+    from evojax_nas.replay import lineage
+
+    store, evaluate = tiny_run(tmp_path)
+    deepest = max(store.records(), key=lambda r: len(lineage(store, r["id"])))
+    chain = lineage(store, deepest["id"])
+    assert chain[-1] == deepest["id"] and chain[0].startswith("init-")
+    for parent, child in zip(chain, chain[1:], strict=False):
+        assert store.read_record(child)["parent"] == parent
+
+
+def test_a_collected_parent_is_not_checkable_not_a_failure(tmp_path):
+    from evojax_nas.replay import NOT_CHECKABLE
+
+    store, evaluate = tiny_run(tmp_path)
+    child = next(r for r in store.records() if r["parent"] is not None)
+    parent = child["parent"]
+    try:
+        store.kill(parent)
+    except Exception:
+        pass  # already dead
+    store.gc(0)
+    v = _verdicts(store, evaluate, [child["id"]])[child["id"]]
+    assert v["verdict"] == NOT_CHECKABLE and "collected" in v["detail"]
+
+
+def test_replay_cli_all_and_lineage(tmp_path, monkeypatch, capsys):
+    from evojax_nas import cli, data
+
+    store, _ = tiny_run(tmp_path)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: random_dataset(100, 8, 3, 4))
+    assert cli.main(["replay", store.url, "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "0 mismatched" in out and out.count("reproduced: bit for bit") >= 6
+    last = max(r["id"] for r in store.records())
+    (tmp_path / "run" / "inds" / last / "record.json").write_text(
+        json.dumps(store.read_record(last) | {"val_accuracy": 0.5})
+    )
+    assert cli.main(["replay", store.url, "--lineage", last]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and f"mismatched: {last}" in out
+    assert cli.main(["replay", store.url]) == 2

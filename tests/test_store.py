@@ -4,9 +4,11 @@
 the session fixture in tests/gcs_emulator.py. Trial counts are in the test names/docstrings.
 """
 
+import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
@@ -476,3 +478,206 @@ def test_sigkill_during_publish_and_kill_12_trials(store):
     assert store.gc(grace_seconds=0.0) == len(recs)
     _publish(store, "after-crashes")
     assert [m.id for m in store.population()] == ["after-crashes"]
+
+
+# -- hardening: symlinks, special files, bounds, types, leaks ---------------------------------
+
+
+def _outside(tmp_path) -> str:
+    """A directory outside the store holding a file that must survive anything the store does."""
+    out = tmp_path / "outside"
+    (out / "ckpt").mkdir(parents=True)
+    (out / "ckpt" / "precious").write_text("keep")
+    (out / "precious").write_text("keep")
+    old = time.time() - 10_000
+    for p in (out / "precious", out / "ckpt" / "precious", out / "ckpt", out):
+        os.utime(p, (old, old))
+    return str(out)
+
+
+def _outside_intact(out: str) -> bool:
+    return all(os.path.isfile(os.path.join(out, *p)) for p in (("precious",), ("ckpt", "precious")))
+
+
+def test_local_gc_never_deletes_through_a_symlinked_individual(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    out = _outside(tmp_path)
+    _publish(store, "a", params=_params())
+    store.kill("a")
+    shutil.rmtree(os.path.join(store.root, "inds", "a"))
+    os.symlink(out, os.path.join(store.root, "inds", "a"))
+    store.gc(0)
+    assert _outside_intact(out)
+    with pytest.raises(StoreError):  # and reads never follow it either
+        store.read_record("a")
+
+
+def test_local_gc_never_deletes_through_a_symlinked_tmp(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    out = _outside(tmp_path)
+    shutil.rmtree(os.path.join(store.root, "tmp"))
+    os.symlink(out, os.path.join(store.root, "tmp"))
+    store.gc(0)
+    assert _outside_intact(out)
+    _publish(store, "b")  # publishing goes on in a fresh tmp/
+    assert [m.id for m in store.population()] == ["b"]
+
+
+def test_local_reads_never_follow_a_symlinked_file(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    _publish(store, "a")
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"parent": null, "stolen": true}')
+    rec = os.path.join(store.root, "inds", "a", "record.json")
+    os.unlink(rec)
+    os.symlink(secret, rec)
+    with pytest.raises(CorruptObjectError, match="symlink"):
+        store.read_record("a")
+    assert "error" in {r["id"]: r for r in store.records()}["a"]
+
+
+@pytest.mark.parametrize("what", ["record.json", "dna.json", "heartbeat", "meta"])
+def test_local_fifo_in_place_of_a_file_never_hangs(tmp_path, what):
+    """A FIFO opened blocking would hang status/report/replay forever; it must be refused."""
+    store = LocalStore(str(tmp_path / "s"))
+    _publish(store, "a")
+    store.heartbeat(0, {"time": 1.0})
+    store.write_meta("control", {"x": 1})
+    path = {
+        "record.json": ("inds", "a", "record.json"),
+        "dna.json": ("inds", "a", "dna.json"),
+        "heartbeat": ("workers", "0.json"),
+        "meta": ("meta", "control", f"{1:012d}.json"),
+    }[what]
+    full = os.path.join(store.root, *path)
+    os.unlink(full)
+    os.mkfifo(full)
+    if what == "heartbeat":
+        assert store.workers() == []
+    elif what == "meta":
+        with pytest.raises(CorruptObjectError, match="regular file"):
+            store.read_meta("control")
+    else:
+        with pytest.raises(CorruptObjectError, match="regular file"):
+            (store.read_record if what == "record.json" else store.read_dna)("a")
+        assert len(store.records()) == 1
+
+
+def test_local_checkpoint_with_a_fifo_or_symlink_is_refused(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    _publish(store, "a", params=_params())
+    _publish(store, "b", params=_params())
+    ckpt = os.path.join(store.root, "inds", "a", "ckpt")
+    os.mkfifo(os.path.join(ckpt, "fifo"))
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        store.read_params("a")
+    shutil.rmtree(os.path.join(store.root, "inds", "b", "ckpt"))
+    os.symlink(ckpt, os.path.join(store.root, "inds", "b", "ckpt"))
+    with pytest.raises(CheckpointError, match="symlink"):
+        store.read_params("b")
+
+
+def test_checkpoint_bigger_than_its_bound_is_refused_before_loading(store):
+    """The worker passes what the DNA implies; a bigger checkpoint is refused unread."""
+    _publish(store, "big", params=_params())
+    nbytes = sum(v.nbytes for m in _params().values() for v in m.values())
+    assert store.read_params("big", max_bytes=nbytes)["out"]["kernel"].shape == (8, 10)
+    with pytest.raises(CheckpointError, match="big"):
+        store.read_params("big", max_bytes=nbytes // 2)
+
+
+def test_local_sparse_checkpoint_file_is_refused_by_size(tmp_path):
+    """A 1.2 GB sparse file costs no disk but must not be loaded."""
+    store = LocalStore(str(tmp_path / "s"))
+    _publish(store, "a", params=_params())
+    with open(os.path.join(store.root, "inds", "a", "ckpt", "huge"), "wb") as f:
+        f.truncate(1_200_000_000)
+    with pytest.raises(CheckpointError, match="bytes"):
+        store.read_params("a", max_bytes=100_000)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("val_accuracy", "high"), ("born", [1]), ("parent", 7), ("key", ["a"]), ("worker", True)],
+)
+def test_wrong_typed_record_gives_one_clear_error(store, field, value):
+    _publish(store, "a")
+    _raw_write(store, "inds/a/record.json", json.dumps({"parent": None, field: value}).encode())
+    with pytest.raises(CorruptObjectError, match=field):
+        store.read_record("a")
+    assert field in {r["id"]: r for r in store.records()}["a"]["error"]
+
+
+def test_wrong_typed_heartbeat_is_skipped(store):
+    store.heartbeat(0, {"time": 1.0})
+    store.heartbeat(1, {"time": 2.0})
+    _raw_write(store, "workers/1.json", b'{"worker": "one", "time": "now"}')
+    assert [w["worker"] for w in store.workers()] == [0]
+
+
+def test_workers_lists_only_recent_heartbeats(store):
+    store.heartbeat(0, {"time": time.time()})
+    assert [w["worker"] for w in store.workers(recent_seconds=300)] == [0]
+    if isinstance(store, LocalStore):
+        old = time.time() - 1000
+        os.utime(os.path.join(store.root, "workers", "0.json"), (old, old))
+        before = store.requests
+        assert store.workers(recent_seconds=300) == []
+        assert store.requests - before == 1  # the listing only: no read of an old heartbeat
+
+
+def test_gc_collects_interrupted_publications_and_phantoms(store, monkeypatch):
+    """A claimed ID without a marker, and a marker without its DNA, are collected."""
+    from evojax_nas.store import _gcs_gc, local
+
+    monkeypatch.setattr(local, "_CLAIM_GRACE", 0.0)
+    monkeypatch.setattr(_gcs_gc, "_CLAIM_GRACE", 0.0)
+    _publish(store, "interrupted", params=_params())
+    _publish(store, "phantom", params=_params())
+    _publish(store, "healthy", params=_params())
+    if isinstance(store, LocalStore):  # as if the publisher died before creating the marker
+        [name] = [n for n in os.listdir(os.path.join(store.root, "alive")) if "interr" in n]
+        os.unlink(os.path.join(store.root, "alive", name))
+        os.unlink(os.path.join(store.root, "inds", "phantom", "dna.json"))
+    else:
+        store._delete(f"pop/{store._names['interrupted']}")
+        store._delete("ind/phantom/dna.json")
+    store._names.clear()
+    time.sleep(0.01)
+    assert store.gc(0) == 2
+    assert [m.id for m in store.population()] == ["healthy"]
+    assert [r["id"] for r in store.records()] == ["healthy", "phantom"]
+    if isinstance(store, LocalStore):
+        assert sorted(os.listdir(os.path.join(store.root, "inds"))) == ["healthy", "phantom"]
+    else:
+        assert not store._list("ind/interrupted/")
+
+
+def test_local_records_never_double_count_while_others_kill(tmp_path):
+    """200 polls of records() while a thread kills 100 individuals: each ID listed once."""
+    import threading
+
+    store = LocalStore(str(tmp_path / "s"))
+    for i in range(100):
+        _publish(store, f"i{i:03d}")
+    killer = LocalStore(store.root)
+    done = threading.Event()
+
+    def kill_all():
+        for i in range(100):
+            killer.kill(f"i{i:03d}")
+            if i % 2:
+                killer.gc(0)
+        done.set()
+
+    t = threading.Thread(target=kill_all)
+    t.start()
+    try:
+        polls = 0
+        while not done.is_set() or polls < 5:
+            ids = [r["id"] for r in store.records()]
+            assert len(ids) == len(set(ids)) == 100
+            polls += 1
+    finally:
+        t.join()
+    assert not any(r["alive"] for r in store.records())

@@ -5,6 +5,7 @@ variable STORAGE_EMULATOR_HOST, if set); any other address is a local or network
 directory (`file://` prefix optional).
 """
 
+from evojax_nas.store._retry import RetryingStore, retrying
 from evojax_nas.store.base import Member, Store
 from evojax_nas.store.local import LocalStore
 
@@ -35,4 +36,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["GCSStore", "LocalStore", "Member", "Store", "open_store"]
+__all__ = ["GCSStore", "LocalStore", "Member", "RetryingStore", "Store", "open_store", "retrying"]

@@ -8,7 +8,9 @@ stays cheap and fork-safe.
 """
 
 import logging
+import math
 import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,46 @@ from evojax_nas.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 NONE_FILE = "none.json"  # The whole checkpoint of an individual published with params=None.
+MAX_BYTES = 1 << 32  # Bound on a checkpoint's arrays when the caller gives none (4 GiB).
+MAX_FILES = 256  # orbax writes a dozen files for our small trees
+_SLACK = 1 << 20  # metadata files and per-chunk overhead on top of the arrays' bytes
+
+
+def check_files(directory: str, max_bytes: int | None, what: str) -> None:
+    """Refuses a checkpoint directory holding anything but regular files and directories (no
+    symlinks, FIFOs, devices), too many files, or more bytes than `max_bytes` arrays can take.
+
+    Raises:
+        CheckpointError: with what is wrong.
+    """
+    limit = 2 * (MAX_BYTES if max_bytes is None else max_bytes) + _SLACK
+    total, count = 0, 0
+    for root, dirs, files in os.walk(directory):  # os.walk never follows symlinks by default
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"checkpoint {what} holds {name!r}, not a regular file")
+            total, count = total + st.st_size, count + 1
+    if count > MAX_FILES or total > limit:
+        raise CheckpointError(
+            f"checkpoint {what} holds {count} files, {total} bytes (limit {limit})"
+        )
+
+
+def _check_metadata(checkpointer: Any, directory: str, max_bytes: int, what: str) -> None:
+    """Refuses, before loading anything, a checkpoint whose arrays exceed `max_bytes`."""
+    tree = checkpointer.metadata(directory).item_metadata.tree
+    total, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif hasattr(node, "shape") and hasattr(node, "dtype"):
+            total += math.prod(node.shape) * np.dtype(node.dtype).itemsize
+    if total > max_bytes:
+        raise CheckpointError(f"checkpoint {what} holds {total} bytes of arrays; limit {max_bytes}")
 
 
 def _check_tree(tree: Any, where: str = "params") -> None:
@@ -57,12 +99,13 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def restore(directory: str, what: str) -> dict | None:
-    """Reads a checkpoint written by `save`.
+def restore(directory: str, what: str, max_bytes: int | None = None) -> dict | None:
+    """Reads a checkpoint written by `save`, refusing one bigger than `max_bytes`.
 
     Args:
         directory: local path of the checkpoint directory.
         what: the checkpoint's name in the store, for error messages.
+        max_bytes: the most bytes its arrays may hold (default MAX_BYTES).
 
     Returns:
         The nested dict of numpy arrays, or None if it was saved from params=None.
@@ -70,6 +113,7 @@ def restore(directory: str, what: str) -> dict | None:
     Raises:
         CheckpointError: the checkpoint is missing, truncated or corrupt.
     """
+    check_files(directory, max_bytes, what)
     names = set(os.listdir(directory))
     if names == {NONE_FILE}:
         return None
@@ -77,6 +121,8 @@ def restore(directory: str, what: str) -> dict | None:
 
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
+            limit = MAX_BYTES if max_bytes is None else max_bytes
+            _check_metadata(checkpointer, os.path.abspath(directory), limit, what)
             tree = checkpointer.restore(os.path.abspath(directory))
         params = tree["params"]
         _check_tree(params)

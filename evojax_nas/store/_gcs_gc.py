@@ -13,6 +13,7 @@ from evojax_nas.store import _validate
 
 log = logging.getLogger(__name__)
 
+_CLAIM_GRACE = 60.0  # Seconds before a record without a marker is an interrupted publication.
 _DEAD_FIELDS = "items(name,metadata,generation,timeCreated),nextPageToken"
 
 
@@ -58,6 +59,43 @@ class GCSRecordsMixin:
                 continue
             if self._collect(ind_id, blob.generation, meta.get("marker", "")):
                 collected += 1
+        if time.time() - getattr(self, "_last_deep_gc", 0.0) >= max(grace_seconds, 1.0):
+            self._last_deep_gc = time.time()
+            collected += self._gc_interrupted(now, grace_seconds)
+        return collected
+
+    def _gc_interrupted(self, now: datetime.datetime, grace_seconds: float) -> int:
+        """Removes publications interrupted between claim and marker (a record, no alive or
+        kill marker) and kills phantom markers (DNA or checkpoint gone), after the grace."""
+        files: dict[str, set[str]] = {}
+        created: dict[str, datetime.datetime] = {}
+        for blob in self._list("ind/", "items(name,timeCreated),nextPageToken"):
+            ind_id, _, rest = self._rel(blob, "ind/").partition("/")
+            files.setdefault(ind_id, set()).add(rest.split("/")[0])
+            if rest == "record.json":
+                created[ind_id] = blob.time_created
+        alive, dead = self._alive_ids(), self._dead()
+        claim_grace = max(grace_seconds, _CLAIM_GRACE)
+        collected = 0
+        for ind_id in created:
+            if ind_id in alive or ind_id in dead:
+                continue
+            if (now - created[ind_id]).total_seconds() < claim_grace:
+                continue
+            log.warning("gc: removing interrupted publication %s", self._gs(f"ind/{ind_id}/"))
+            for blob in self._list(f"ind/{ind_id}/"):
+                self._delete(blob.name[len(self._key("")) :])
+            collected += 1
+        for ind_id, name in alive.items():
+            birth = _validate.parse_marker(name)[2] / 1e9
+            whole = {"dna.json", "ckpt"} <= files.get(ind_id, set())
+            if not whole and now.timestamp() - birth >= grace_seconds:
+                log.warning("gc: killing phantom %s: its DNA or checkpoint is gone", ind_id)
+                try:
+                    self.kill(ind_id)
+                    collected += 1
+                except StoreError:
+                    pass
         return collected
 
     def _collect(self, ind_id: str, generation: int, marker: str) -> bool:

@@ -133,11 +133,67 @@ def loads(data: bytes, what: str) -> dict:
     return value
 
 
+_NUMBER = (int, float)
+_NONE = type(None)
+RECORD_FIELDS = {  # the types of the record fields that readers rely on
+    "parent": (str, _NONE),
+    "val_accuracy": _NUMBER,
+    "born": _NUMBER,
+    "flops": _NUMBER,
+    "train_seconds": _NUMBER,
+    "learning_rate": _NUMBER,
+    "event": (int,),
+    "worker": (int,),
+    "seed": (int,),
+    "params": (int,),
+    "steps": (int,),
+    "diverged": (bool,),
+    "key": (list,),
+    "mutation": (dict,),
+    "timings": (dict,),
+    "architecture": (str,),
+    "architecture_key": (str,),
+}
+HEARTBEAT_FIELDS = {"worker": (int,), "time": _NUMBER, "event": (int,), "target": (str, _NONE)}
+
+
+def check_fields(value: dict, types: dict, what: str) -> dict:
+    """Raises CorruptObjectError naming the first field of `value` whose type is not in `types`.
+
+    bool is not accepted where a number is expected, nor a number where a bool is.
+    """
+    for name, allowed in types.items():
+        if name not in value:
+            continue
+        v = value[name]
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            names = "/".join("null" if t is _NONE else t.__name__ for t in allowed)
+            raise CorruptObjectError(f"corrupt object {what}: {name} must be {names}, got {v!r}")
+    return value
+
+
 def check_record(record: dict, ind_id: str, what: str) -> dict:
-    """Checks that a record read back belongs to `ind_id`; raises CorruptObjectError if not."""
+    """Checks that a record read back belongs to `ind_id` and its fields have the right types.
+
+    Raises:
+        CorruptObjectError: naming what is wrong.
+    """
     if record.get("id", ind_id) != ind_id:
         raise CorruptObjectError(f"corrupt object {what}: its id is {record.get('id')!r}")
+    check_fields(record, RECORD_FIELDS, what)
+    if isinstance(record.get("parent"), str) and not ID_RE.match(record["parent"]):
+        raise CorruptObjectError(f"corrupt object {what}: bad parent {record['parent']!r}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in record.get("key", [])):
+        raise CorruptObjectError(f"corrupt object {what}: key must be a list of integers")
     return record
+
+
+def check_heartbeat(value: dict, what: str) -> dict:
+    """Checks a heartbeat's field types; raises CorruptObjectError naming a bad one."""
+    check_fields(value, HEARTBEAT_FIELDS, f"heartbeat {what}")
+    if "worker" not in value:
+        raise CorruptObjectError(f"corrupt object heartbeat {what}: no worker")
+    return value
 
 
 def publication(

@@ -84,8 +84,13 @@ class Store(abc.ABC):
         """Returns an individual's record (alive, dead or collected), with "id" set."""
 
     @abc.abstractmethod
-    def read_params(self, ind_id: str) -> Any:
+    def read_params(self, ind_id: str, max_bytes: int | None = None) -> Any:
         """Returns an individual's weights (nested dict of numpy arrays) or None.
+
+        Args:
+            ind_id: the individual.
+            max_bytes: refuse (CheckpointError), before loading it, a checkpoint whose arrays
+                hold more bytes (e.g. what its DNA implies); None means a generous global bound.
 
         Raises:
             NotFoundError: no such individual, or its checkpoint was garbage-collected.
@@ -101,8 +106,13 @@ class Store(abc.ABC):
         """Overwrites worker `worker_id`'s in-flight marker with `info`."""
 
     @abc.abstractmethod
-    def workers(self) -> list[dict]:
-        """Returns each worker's latest heartbeat, with "worker" set to its ID."""
+    def workers(self, recent_seconds: float | None = None) -> list[dict]:
+        """Returns each worker's latest heartbeat, with "worker" set to its ID.
+
+        Args:
+            recent_seconds: only heartbeats written this recently (judged from the listing,
+                so that old workers cost no reads).
+        """
 
     @abc.abstractmethod
     def read_meta(self, name: str) -> tuple[dict | None, Any]:
@@ -124,6 +134,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def gc(self, grace_seconds: float) -> int:
         """Deletes checkpoints of individuals killed more than `grace_seconds` ago.
+
+        Also (after the grace period) removes publications interrupted between claiming their
+        ID and their marker, and kills phantom markers whose DNA or checkpoint is gone.
 
         Returns:
             How many individuals were collected by this call. Records and DNA are kept.

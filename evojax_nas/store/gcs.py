@@ -16,6 +16,7 @@ idempotent and retried. Conditional uploads are retried too, and a 412 after a r
 resolved by reading back the object's `writer` token: if it is ours, our first attempt won.
 """
 
+import datetime
 import logging
 import os
 import re
@@ -86,7 +87,8 @@ class GCSStore(GCSRecordsMixin, Store):
     def _get(self, rel: str) -> bytes:
         self.requests += 1
         try:
-            return self._bucket.blob(self._key(rel)).download_as_bytes(retry=DEFAULT_RETRY)
+            blob = self._bucket.blob(self._key(rel))  # at most one byte over the limit is read
+            return blob.download_as_bytes(end=_validate.MAX_JSON_BYTES, retry=DEFAULT_RETRY)
         except gexc.NotFound:
             raise NotFoundError(f"{self._gs(rel)} does not exist") from None
 
@@ -202,7 +204,7 @@ class GCSStore(GCSRecordsMixin, Store):
         rel = f"ind/{_validate.check_id(ind_id)}/record.json"
         return _validate.check_record(self._get_json(rel), ind_id, self._gs(rel))
 
-    def read_params(self, ind_id: str) -> Any:
+    def read_params(self, ind_id: str, max_bytes: int | None = None) -> Any:
         rel = f"ind/{_validate.check_id(ind_id)}/ckpt/"
         blobs = self._list(rel, "items(name,size),nextPageToken")
         if not blobs:
@@ -210,8 +212,10 @@ class GCSStore(GCSRecordsMixin, Store):
             if dead is not None and (dead.metadata or {}).get("collected") == "1":
                 raise NotFoundError(f"checkpoint {self._gs(rel)} was garbage-collected")
             raise NotFoundError(f"no checkpoint at {self._gs(rel)}")
-        if len(blobs) > _MAX_CKPT_FILES:
-            raise CheckpointError(f"{self._gs(rel)} has {len(blobs)} files")
+        limit = 2 * (_checkpoint.MAX_BYTES if max_bytes is None else max_bytes) + (1 << 20)
+        size = sum(int(b.size or 0) for b in blobs)
+        if len(blobs) > _MAX_CKPT_FILES or size > limit:
+            raise CheckpointError(f"{self._gs(rel)} has {len(blobs)} files, {size} bytes")
         with tempfile.TemporaryDirectory() as tmp:
             for blob in blobs:
                 path = _safe_path(tmp, self._rel(blob, rel), self._gs(rel))
@@ -221,7 +225,7 @@ class GCSStore(GCSRecordsMixin, Store):
                     blob.download_to_filename(path, retry=DEFAULT_RETRY)
                 except gexc.NotFound:
                     raise NotFoundError(f"checkpoint {self._gs(rel)} vanished (gc?)") from None
-            return _checkpoint.restore(tmp, self._gs(rel))
+            return _checkpoint.restore(tmp, self._gs(rel), max_bytes)
 
     # -- workers and side files -------------------------------------------------------------
 
@@ -231,15 +235,19 @@ class GCSStore(GCSRecordsMixin, Store):
         data = _validate.dumps(dict(info) | {"worker": worker_id}, "heartbeat")
         self._put(f"workers/{worker_id}.json", data)
 
-    def workers(self) -> list[dict]:
-        out = []
-        for blob in self._list("workers/"):
+    def workers(self, recent_seconds: float | None = None) -> list[dict]:
+        out, now = [], datetime.datetime.now(datetime.UTC)
+        for blob in self._list("workers/", "items(name,updated),nextPageToken"):
             try:
                 name = _validate.check_id(self._rel(blob, "workers/"), "file name")
-                out.append(self._get_json(f"workers/{name}"))
+                if recent_seconds is not None and blob.updated is not None:
+                    if (now - blob.updated).total_seconds() > recent_seconds:
+                        continue  # judged from the listing: old workers cost no reads
+                heartbeat = self._get_json(f"workers/{name}")
+                out.append(_validate.check_heartbeat(heartbeat, name))
             except StoreError as e:
                 log.warning("skipping heartbeat: %s", e)
-        return sorted(out, key=lambda w: str(w.get("worker")))
+        return sorted(out, key=lambda w: w["worker"])
 
     def read_meta(self, name: str) -> tuple[dict | None, Any]:
         rel = f"meta/{_validate.check_id(name, 'meta name')}.json"

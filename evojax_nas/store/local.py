@@ -16,11 +16,18 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from typing import Any
 
-from evojax_nas.errors import ConcurrencyError, CorruptObjectError, NotFoundError, StoreError
+from evojax_nas.errors import (
+    CheckpointError,
+    ConcurrencyError,
+    CorruptObjectError,
+    NotFoundError,
+    StoreError,
+)
 from evojax_nas.store import _checkpoint, _validate
 from evojax_nas.store.base import Member, Store
 
@@ -29,6 +36,7 @@ log = logging.getLogger(__name__)
 _DIRS = ("inds", "alive", "dead", "gone", "meta", "workers", "tmp")
 _META_KEEP = 8  # Old meta versions kept so that a slow compare-and-swap still sees its loss.
 _TMP_GRACE = 600.0  # Seconds before gc treats a tmp/ entry as left by a crashed publisher.
+_CLAIM_GRACE = 60.0  # Seconds before a claimed ID without a marker is an interrupted publication.
 
 
 class LocalStore(Store):
@@ -44,10 +52,14 @@ class LocalStore(Store):
         self.url = self.root
         self.requests = 0
         self._names: dict[str, str] = {}  # ID -> marker name; names never change.
+        self._last_deep_gc = 0.0
         if not create and not os.path.isdir(self.root):
             raise NotFoundError(f"no run at {self.root}: the directory does not exist")
         for d in _DIRS:
+            if os.path.islink(self._path(d)) and d != "tmp":
+                raise StoreError(f"{self._path(d)} is a symlink; a store never follows symlinks")
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        self._tmp_dir()
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -62,17 +74,36 @@ class LocalStore(Store):
     def _read_json(self, *parts: str) -> dict:
         path = self._path(*parts)
         self.requests += 1
-        try:
-            with open(path, "rb") as f:
-                data = f.read(_validate.MAX_JSON_BYTES + 1)
-        except FileNotFoundError:
-            raise NotFoundError(f"{path} does not exist") from None
-        except IsADirectoryError:
-            raise CorruptObjectError(f"corrupt object {path}: a directory") from None
-        return _validate.loads(data, path)
+        return _validate.loads(read_regular(self.root, parts, _validate.MAX_JSON_BYTES), path)
+
+    def _real_dir(self, *parts: str) -> bool:
+        """True if `parts` is a directory inside the store, reached without any symlink."""
+        path = self.root
+        for part in parts:
+            path = os.path.join(path, part)
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+
+    def _tmp_dir(self) -> str:
+        """tmp/, replaced if something else (e.g. a stale symlink) took its place."""
+        tmp = self._path("tmp")
+        if not self._real_dir("tmp"):
+            log.warning("%s is not a directory (a symlink?); replacing it", tmp)
+            try:
+                os.unlink(tmp)  # a symlink or file: removes the link itself, not its target
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                pass
+            os.makedirs(tmp, exist_ok=True)
+        return tmp
 
     def _tmp_file(self, data: bytes) -> str:
-        fd, tmp = tempfile.mkstemp(dir=self._path("tmp"))
+        fd, tmp = tempfile.mkstemp(dir=self._tmp_dir())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return tmp
@@ -103,7 +134,7 @@ class LocalStore(Store):
         final = self._path("inds", ind_id)
         if os.path.lexists(final):
             raise ConcurrencyError(f"individual {ind_id} already exists in {self.url}")
-        tmp = tempfile.mkdtemp(dir=self._path("tmp"), prefix=ind_id + ".")
+        tmp = tempfile.mkdtemp(dir=self._tmp_dir(), prefix=ind_id + ".")
         try:
             for name, data in (("dna.json", dna_bytes), ("record.json", record_bytes)):
                 with open(os.path.join(tmp, name), "wb") as f:
@@ -180,31 +211,44 @@ class LocalStore(Store):
         record = self._read_json("inds", _validate.check_id(ind_id), "record.json")
         return _validate.check_record(record, ind_id, self._path("inds", ind_id, "record.json"))
 
-    def read_params(self, ind_id: str) -> Any:
+    def read_params(self, ind_id: str, max_bytes: int | None = None) -> Any:
         ckpt = self._path("inds", _validate.check_id(ind_id), "ckpt")
         self.requests += 1
-        if not os.path.isdir(ckpt):
-            if os.path.isdir(self._path("inds", ind_id)):
+        if not self._real_dir("inds", ind_id, "ckpt"):
+            if os.path.islink(ckpt) or os.path.islink(self._path("inds", ind_id)):
+                raise CheckpointError(f"checkpoint {ckpt} is a symlink; refusing it")
+            if self._real_dir("inds", ind_id):
                 raise NotFoundError(f"checkpoint {ckpt} was garbage-collected")
             raise NotFoundError(f"individual {ind_id} does not exist in {self.url}")
-        return _checkpoint.restore(ckpt, ckpt)
+        return _checkpoint.restore(ckpt, ckpt, max_bytes)
 
-    def records(self) -> list[dict]:
-        out = []
+    def _states(self) -> dict[str, tuple[str, str]]:
+        """ID -> (state, marker name) of every individual ever born.
+
+        Markers only move alive -> dead -> gone, and the listings are made in that order: an
+        individual moved during the scan is listed twice (its later state wins), never missed.
+        """
+        states: dict[str, tuple[str, str]] = {}
         for state in ("alive", "dead", "gone"):
             for name in self._listdir(state):
                 try:
-                    ind_id, fitness, _ = _validate.parse_marker(name)
+                    ind_id, _, _ = _validate.parse_marker(name)
                 except CorruptObjectError as e:
                     log.warning("skipping %s", e)
                     continue
-                try:
-                    record = self.read_record(ind_id)
-                except StoreError as e:
-                    log.warning("record of %s unreadable: %s", ind_id, e)
-                    record = {"fitness": fitness, "error": str(e)}
-                out.append(record | {"id": ind_id, "alive": state == "alive"})
-        return sorted(out, key=lambda r: r["id"])
+                states[ind_id] = (state, name)
+        return states
+
+    def records(self) -> list[dict]:
+        out = []
+        for ind_id, (state, name) in sorted(self._states().items()):
+            try:
+                record = self.read_record(ind_id)
+            except StoreError as e:
+                log.warning("record of %s unreadable: %s", ind_id, e)
+                record = {"fitness": _validate.parse_marker(name)[1], "error": str(e)}
+            out.append(record | {"id": ind_id, "alive": state == "alive"})
+        return out
 
     def heartbeat(self, worker_id: int, info: dict) -> None:
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
@@ -213,14 +257,19 @@ class LocalStore(Store):
         self.requests += 1
         os.replace(tmp, self._path("workers", f"{worker_id}.json"))
 
-    def workers(self) -> list[dict]:
-        out = []
+    def workers(self, recent_seconds: float | None = None) -> list[dict]:
+        out, now = [], time.time()
         for name in self._listdir("workers"):
             try:
-                out.append(self._read_json("workers", _validate.check_id(name, "file name")))
-            except StoreError as e:
+                _validate.check_id(name, "file name")
+                if recent_seconds is not None:
+                    st = os.lstat(self._path("workers", name))
+                    if now - st.st_mtime > recent_seconds:
+                        continue
+                out.append(_validate.check_heartbeat(self._read_json("workers", name), name))
+            except (StoreError, FileNotFoundError) as e:
                 log.warning("skipping heartbeat: %s", e)
-        return sorted(out, key=lambda w: str(w.get("worker")))
+        return sorted(out, key=lambda w: w["worker"])
 
     def _meta_versions(self, name: str) -> list[int]:
         names = self._listdir("meta", name)
@@ -253,37 +302,145 @@ class LocalStore(Store):
                 pass
 
     def gc(self, grace_seconds: float) -> int:
+        """Collects dead checkpoints, then (at most once per grace period, and never inside
+        it) interrupted publications, phantom markers and leftovers of crashed publishers.
+        Nothing outside the store is ever touched: symlinks are removed, never followed."""
         now, collected = time.time(), 0
         for name in self._listdir("dead"):
             try:
                 ind_id, _, _ = _validate.parse_marker(name)
-                st = os.stat(self._path("dead", name))
+                st = os.lstat(self._path("dead", name))
             except (CorruptObjectError, FileNotFoundError):
                 continue
             if now - max(st.st_mtime, st.st_ctime) < grace_seconds:
                 continue
-            trash = self._path("inds", ind_id, ".ckpt-gc")
-            shutil.rmtree(trash, ignore_errors=True)  # Left by a gc that crashed.
-            try:  # Atomic: a reader sees the whole checkpoint or none of it.
-                os.rename(self._path("inds", ind_id, "ckpt"), trash)
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(trash, ignore_errors=True)
+            self._drop_checkpoint(ind_id)
             self.requests += 3
             try:
                 os.rename(self._path("dead", name), self._path("gone", name))
                 collected += 1
             except FileNotFoundError:
                 pass  # Another gc got there first.
+        if now - self._last_deep_gc >= max(grace_seconds, 1.0):
+            self._last_deep_gc = now
+            collected += self._gc_interrupted(
+                now - grace_seconds, now - max(grace_seconds, _CLAIM_GRACE)
+            )
         self._gc_tmp(now - max(grace_seconds, _TMP_GRACE))
+        return collected
+
+    def _drop_checkpoint(self, ind_id: str) -> None:
+        """Deletes inds/<id>/ckpt atomically (a reader sees all of it or none of it)."""
+        if not self._real_dir("inds", ind_id):
+            if os.path.islink(self._path("inds", ind_id)):
+                log.warning("gc: %s is a symlink; removing the link", self._path("inds", ind_id))
+                _unlink(self._path("inds", ind_id))
+            return
+        trash = self._path("inds", ind_id, ".ckpt-gc")
+        _remove(trash)  # Left by a gc that crashed.
+        try:
+            os.rename(self._path("inds", ind_id, "ckpt"), trash)
+        except FileNotFoundError:
+            pass
+        _remove(trash)
+
+    def _gc_interrupted(self, cutoff: float, claim_cutoff: float) -> int:
+        """Collects publications interrupted between claim and marker (inds/<id>, no marker,
+        claimed before `claim_cutoff`) and phantom markers (alive, but the DNA or checkpoint is
+        gone) born before `cutoff`."""
+        states, collected = self._states(), 0
+        for ind_id in self._listdir("inds"):
+            path = self._path("inds", ind_id)
+            try:
+                st = os.lstat(path)
+                if ind_id in states or max(st.st_mtime, st.st_ctime) >= claim_cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            log.warning("gc: removing interrupted publication %s", path)
+            _remove(path)
+            collected += 1
+        for ind_id, (state, name) in states.items():
+            _, _, birth = _validate.parse_marker(name)
+            whole = self._real_dir("inds", ind_id, "ckpt") and os.path.isfile(
+                self._path("inds", ind_id, "dna.json")
+            )
+            if state == "alive" and birth / 1e9 < cutoff and not whole:
+                log.warning("gc: killing phantom %s: its DNA or checkpoint is gone", ind_id)
+                try:
+                    self.kill(ind_id)
+                    collected += 1
+                except StoreError:
+                    pass
         return collected
 
     def _gc_tmp(self, cutoff: float) -> None:
         """Removes leftovers of crashed publishers older than `cutoff`."""
+        if not self._real_dir("tmp"):
+            self._tmp_dir()
+            return
         for name in self._listdir("tmp"):
             path = self._path("tmp", name)
             try:
                 if os.lstat(path).st_mtime < cutoff:
-                    shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                    _remove(path)
             except FileNotFoundError:
                 pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove(path: str) -> None:
+    """Removes a file, symlink (not its target) or directory tree (never following links)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)  # rmtree unlinks symlinks inside, never follows
+    else:
+        _unlink(path)
+
+
+def read_regular(root: str, parts: tuple[str, ...], limit: int) -> bytes:
+    """Reads the regular file `root/parts...` without following any symlink under `root`.
+
+    Each directory is opened relative to the previous one with O_NOFOLLOW; the file itself is
+    opened non-blocking (a FIFO must not hang us), then checked to be a regular file of at most
+    `limit` bytes before anything is read.
+
+    Raises:
+        NotFoundError: it does not exist.
+        CorruptObjectError: a symlink, not a regular file, or too big.
+    """
+    path = os.path.join(root, *parts)
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for part in parts[:-1]:
+            fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+        fds.append(os.open(parts[-1], _FILE_FLAGS, dir_fd=fds[-1]))
+        st = os.fstat(fds[-1])
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptObjectError(f"corrupt object {path}: not a regular file")
+        if st.st_size > limit:
+            raise CorruptObjectError(f"{path} is {st.st_size} bytes; the limit is {limit}")
+        with os.fdopen(os.dup(fds[-1]), "rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO):
+            raise CorruptObjectError(f"corrupt object {path}: {e.strerror} (a symlink?)") from None
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
