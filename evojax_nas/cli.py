@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from evojax_nas.errors import EvojaxNasError
+
+# Commands that never compile anything: they run without importing JAX (fast).
+_NO_JAX = frozenset({"status", "adjust", "evolve", "worker"})
 
 # Subcommands living in their own modules, each exposing `add_command(subparsers)`.
 _COMMAND_MODULES = (
@@ -55,16 +59,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from evojax_nas.train import enable_compilation_cache
+        # Not where programs are shared through the run's store (see evojax_nas/programs.py):
+        # worker processes decide for themselves.
+        if args.command not in (*_NO_JAX, "evolve", "worker", "replay"):
+            from evojax_nas.train import enable_compilation_cache
 
-        enable_compilation_cache()
+            enable_compilation_cache()
         return int(args.handler(args) or 0)
     except EvojaxNasError as exc:
-        print(f"evojax-nas: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evojax-nas: interrupted", file=sys.stderr)
-        return 130
+        return _error(str(exc))
+    except KeyboardInterrupt as exc:
+        _error("interrupted", prefix="evojax-nas: ")
+        return 128 + getattr(exc, "signum", 2)
+    except BrokenPipeError:
+        return _closed_stdout()
+    except OSError as exc:  # a path the user gave cannot be read or written
+        name = f" {exc.filename}" if exc.filename else ""
+        return _error(f"{exc.strerror or exc}:{name}".rstrip(":"))
+    except Exception as exc:
+        if type(exc).__name__ == "DefaultCredentialsError":  # google.auth, not imported here
+            return _error(
+                "no Google Cloud credentials for a gs:// store: run `gcloud auth "
+                "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            )
+        raise
+
+
+def _error(message: str, prefix: str = "evojax-nas: error: ") -> int:
+    try:
+        print(prefix + message, file=sys.stderr, flush=True)
+    except OSError:
+        pass  # stderr is gone too (a closed terminal): nothing left to tell
+    return 2
+
+
+def _closed_stdout() -> int:
+    """Whoever read our output stopped (`evojax-nas … | head -3`): end quietly, like `yes`."""
+    try:  # no second BrokenPipeError when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a command its reader left
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ import argparse
 import json
 import time
 
-from evojax_nas.cli_train import positive_int
+from evojax_nas.cli_common import STORE_HELP, command
+from evojax_nas.cli_train import DATASET_HELP, positive_int
 from evojax_nas.config import SELECTIONS, load_config, with_overrides
-from evojax_nas.data import DATASETS
 from evojax_nas.devices import workers_arg
+from evojax_nas.errors import EvojaxNasError
 
 DEFAULT_OUT = "runs/evolve-{time}"
 
@@ -22,7 +23,7 @@ def add_command(sub) -> None:
         help="the run's store: a directory or gs://bucket/prefix (default runs/evolve-<time>)",
     )
     p.add_argument("--config", default="quick", help="quick (default), paper, or a JSON file")
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--dataset", help=DATASET_HELP + " (default: the config's, mnist5k)")
     p.add_argument(
         "--data-dir",
         help="CIFAR: the official binary archive (or its folder), or a tensorflow-datasets "
@@ -37,10 +38,18 @@ def add_command(sub) -> None:
         "only its own; on a CPU the config's number",
     )
     p.add_argument("--steps", type=positive_int, help="training steps per individual")
-    p.add_argument("--max-children", type=int, help="stop after this many children in all")
-    p.add_argument("--max-minutes", type=float, help="stop after this many minutes")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--selection", choices=SELECTIONS)
+    p.add_argument(
+        "--max-children", type=int, help="stop after this many children in the whole run"
+    )
+    p.add_argument(
+        "--max-minutes", type=float, help="stop after this many minutes of the run's training"
+    )
+    p.add_argument("--seed", type=int, help="the run's seed: every random choice derives from it")
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        help="tournament (the paper), random (its control) or aging",
+    )
     p.add_argument(
         "--no-inheritance",
         action="store_true",
@@ -54,9 +63,19 @@ def add_command(sub) -> None:
     p.set_defaults(handler=run_evolve)
 
     w = sub.add_parser("worker", help="join an existing run as one more worker")
-    w.add_argument("store", help="the run's store (directory or gs://bucket/prefix)")
-    w.add_argument("--max-children", type=positive_int, default=None)
-    w.add_argument("--max-minutes", type=float, default=None)
+    w.add_argument("store", help=STORE_HELP)
+    w.add_argument(
+        "--max-children",
+        type=positive_int,
+        default=None,
+        help="this worker stops after this many children (the run's own budget still holds)",
+    )
+    w.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="this worker stops after this many minutes (the run's own budget still holds)",
+    )
     w.add_argument(
         "--workers",
         type=workers_arg,
@@ -74,7 +93,7 @@ def add_command(sub) -> None:
         "recorded key, retrains it and compares DNA, validation accuracy and every weight bit. "
         "Exits 1 naming any mismatch.",
     )
-    r.add_argument("store")
+    r.add_argument("store", help=STORE_HELP)
     r.add_argument("id", nargs="?", help="one individual's ID (see `status`)")
     which = r.add_mutually_exclusive_group()
     which.add_argument("--all", action="store_true", help="every individual of the run")
@@ -84,19 +103,18 @@ def add_command(sub) -> None:
         action="store_true",
         help="fail on individuals whose parent's weights were collected (not checkable)",
     )
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(handler=run_replay)
 
     s = sub.add_parser("status", help="the state of a run, live or finished")
-    s.add_argument("store")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("store", help=STORE_HELP)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(handler=run_status_cmd)
 
 
 def run_evolve(args: argparse.Namespace) -> int:
-    from evojax_nas.data import check_dataset
     from evojax_nas.devices import describe_plan, plan
-    from evojax_nas.runner import evolve
+    from evojax_nas.runner import check_run_inputs, create_run, evolve
 
     base = load_config(args.config)
     # auto: one worker per chip; an explicit count: every worker sees every device, as before
@@ -115,14 +133,11 @@ def run_evolve(args: argparse.Namespace) -> int:
         inheritance=False if args.no_inheritance else None,
     )
     out = args.out.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
-    check_dataset(cfg.dataset, cfg.data_dir)  # a bad dataset fails here, before a run exists
     if args.create_only:
-        from evojax_nas.runner import create_or_join
-        from evojax_nas.store import open_store
-
-        create_or_join(open_store(out), cfg)
-        print(f"run {out} is ready: start workers with `evojax-nas worker {out}`")
+        create_run(out, cfg)
+        print(f"run {out} is ready: start workers with `{command()} worker {out}`")
         return 0
+    check_run_inputs(out, cfg)  # nothing is created before the config and data are good
     print(
         f"run {out}: {cfg.selection} selection, population {cfg.population}, "
         f"{cfg.workers} workers, {cfg.steps} steps/child, dataset {cfg.dataset}"
@@ -132,29 +147,57 @@ def run_evolve(args: argparse.Namespace) -> int:
     if envs is not None:
         print(f"workers auto: {describe_plan(envs)}", flush=True)
     try:
-        progress = evolve(out, cfg, verbose=args.verbose, worker_envs=envs)
-    except KeyboardInterrupt:
-        print(
-            f"stopped. The run is kept: `evojax-nas status {out}`; continue it with "
-            f"`evojax-nas worker {out}`."
-        )
-        return 130
+        progress = evolve(out, cfg, verbose=args.verbose, checked=True, worker_envs=envs)
+    except KeyboardInterrupt as exc:
+        _say_stopped(out)
+        return 128 + getattr(exc, "signum", 2)
     print(
         f"done: {progress.children} children, best validation accuracy {progress.best:.4f} "
-        f"({progress.best_id}). Next: `evojax-nas status {out}`, `evojax-nas report {out}`."
+        f"({progress.best_id or 'none this session'}). "
+        f"Next: `{command()} status {out}`, `{command()} report {out}`."
     )
     return 0
 
 
+def _say_stopped(out: str) -> None:
+    from evojax_nas.config import from_dict
+    from evojax_nas.runner import run_budget
+    from evojax_nas.store import open_store
+
+    try:
+        store = open_store(out, create=False)
+        cfg = from_dict(store.read_config())
+        budget = run_budget(store, cfg)
+        members = len(store.population())
+        more = (
+            f"it is finished ({budget.spent})"
+            if budget.spent
+            else f"continue it with `{command()} worker {out}`"
+        )
+        print(
+            f"stopped. The run is kept (population {members}, set-point {cfg.population}): "
+            f"`{command()} status {out}`; {more}.",
+            flush=True,
+        )
+    except (OSError, EvojaxNasError):
+        pass  # stdout or the store is gone: nothing more to say
+
+
 def run_join(args: argparse.Namespace) -> int:
+    from evojax_nas.config import from_dict
     from evojax_nas.devices import apply, describe_plan, plan, run_worker_processes
-    from evojax_nas.runner import claim_worker_id, create_or_join, worker_main
+    from evojax_nas.lifecycle import GracefulStop, interrupts_end_the_process
+    from evojax_nas.runner import Progress, claim_worker_id, run_budget, worker_main
     from evojax_nas.store import open_store
 
     store = open_store(args.store, create=False)
-    create_or_join(store, None)
+    cfg = from_dict(store.read_config())
+    budget = run_budget(store, cfg)
+    if budget.spent:
+        print(f"run {args.store} is finished ({budget.spent}): nothing to do")
+        return 0
     envs = plan(1) if args.workers == "auto" else [{}] * args.workers
-    if len(envs) > 1:
+    if len(envs) > 1:  # one `worker` process per chip (or per --workers), each with its env
         print(f"{args.store}: {describe_plan(envs)}", flush=True)
         extra = []
         for flag, value in (
@@ -166,10 +209,29 @@ def run_join(args: argparse.Namespace) -> int:
             args.store, envs, extra, restart=args.restart, verbose=args.verbose
         )
     apply(envs[0])
+    limits = [x for x in (args.max_children, budget.children_left) if x is not None]
+    deadlines = [x for x in (budget.deadline,) if x is not None]
+    if args.max_minutes:
+        deadlines.append(time.time() + 60 * args.max_minutes)
     wid = claim_worker_id(store)
-    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
-    print(f"worker {wid} joined {args.store}", flush=True)
-    children = worker_main(args.store, wid, args.max_children, deadline, verbose=args.verbose)
+    print(
+        f"worker {wid} joined {args.store}: {budget.done} children trained so far, "
+        f"budget {budget.describe(cfg)} for the whole run",
+        flush=True,
+    )
+    progress = Progress(cfg.max_children, offset=budget.done)
+    with interrupts_end_the_process():
+        stop = GracefulStop(announce=True).install()
+        children = worker_main(
+            args.store,
+            wid,
+            min(limits, default=None),
+            min(deadlines, default=None),
+            verbose=args.verbose,
+            stop=stop,
+            on_event=progress.update,
+            run_max_children=cfg.max_children,
+        )
     print(f"worker {wid} trained {children} children")
     return 0
 
@@ -182,35 +244,51 @@ def run_status_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
-    best = status["best_val_accuracy"]
-    print(f"run               {status['store']}")
-    print(f"population        {status['population']} (set-point {status['set_point']})")
-    print(
-        f"trained           {status['individuals_trained']} individuals, "
-        f"{status['total_flops']:.3e} FLOPs"
-    )
-    print(
-        "best (validation) "
-        + (f"{best:.4f} {status['best_id']}" if best is not None else "none yet")
-    )
-    if status["best_architecture"]:
-        print(f"  architecture    {status['best_architecture']}")
-    rate = status["children_per_minute_overall"]
-    print(f"children/min      {rate:.2f} overall" if rate else "children/min      n/a")
-    print(f"workers seen      {status['workers_seen_recently']} in the last 5 minutes")
-    per_device = ", ".join(f"{n} on {d}" for d, n in status["workers_per_device"].items())
-    print(f"workers/device    {per_device or 'none yet'}")
+    for line in status_lines(status):
+        print(line)
     return 0
+
+
+def status_lines(status: dict) -> list[str]:
+    """`evojax-nas status` as text: the same numbers as its --json."""
+    store, best = status["store"], status["best_val_accuracy"]
+    state = {
+        "live": f"live: {status['workers_live']} worker(s) running",
+        "idle": f"idle: no worker running, budget left; continue: `{command()} worker {store}`",
+        "finished": f"finished: {status['budget_spent']}",
+    }[status["state"]]
+    lines = [
+        f"run               {store}",
+        f"state             {state}",
+        f"population        {status['population']} (set-point {status['set_point']})",
+        f"trained           {status['individuals_trained']} individuals, "
+        f"{status['total_flops']:.3e} FLOPs, budget {status['budget']}",
+        "best (validation) " + (f"{best:.4f} {status['best_id']}" if best is not None else "none"),
+    ]
+    if status["best_architecture_detail"]:
+        lines.append(f"  architecture    {status['best_architecture_detail']}")
+    overall = status["children_per_minute_overall"]
+    lines.append(
+        f"children/min      {status['children_per_minute_last_10min']:.2f} over the last 10 "
+        "minutes, "
+        + (
+            f"{overall:.2f} overall ({status['training_minutes']:.1f} min of training)"
+            if overall is not None
+            else "n/a overall"
+        )
+    )
+    per_device = ", ".join(f"{n} on {d}" for d, n in status["workers_per_device"].items())
+    lines.append(f"workers/device    {per_device or 'none yet'}")
+    return lines
 
 
 def run_replay(args: argparse.Namespace) -> int:
     from evojax_nas.config import from_dict
     from evojax_nas.data import load_dataset
     from evojax_nas.errors import EvojaxNasError
-    from evojax_nas.evolution import training_evaluator
+    from evojax_nas.evolution import program_cache, training_evaluator
     from evojax_nas.replay import MISMATCH, NOT_CHECKABLE, lineage, replay_many
     from evojax_nas.store import open_store
-    from evojax_nas.train import CompileCache
 
     if sum([bool(args.id), args.all, bool(args.lineage)]) != 1:
         raise EvojaxNasError("replay needs exactly one of: an ID, --all, --lineage ID")
@@ -221,7 +299,7 @@ def run_replay(args: argparse.Namespace) -> int:
     else:
         ids = lineage(store, args.lineage) if args.lineage else [args.id]
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
-    evaluate = training_evaluator(data, cfg, CompileCache())
+    evaluate = training_evaluator(data, cfg, program_cache(store, cfg))
 
     def show(v: dict) -> None:
         if not args.json:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
-import jax
-
-from evojax_nas import dna as dna_lib
-from evojax_nas import model, mutations
+from evojax_nas.cli_train import SAMPLES
 from evojax_nas.errors import EvojaxNasError
-from evojax_nas.samples import SAMPLES, read_dna
+from evojax_nas.mutation_names import MUTATION_NAMES
+
+if TYPE_CHECKING:  # JAX is imported only when a command runs: `--help` stays fast
+    from evojax_nas import dna as dna_lib
+    from evojax_nas import mutations
 
 
 def add_mutate_command(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +32,7 @@ def add_mutate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True, help="seed of the mutation's key")
     p.add_argument(
         "--mutation",
-        choices=sorted(mutations.MUTATIONS),
+        choices=sorted(MUTATION_NAMES),
         default=None,
         help="the mutation to apply (default: drawn uniformly, redrawn if it cannot apply)",
     )
@@ -59,6 +61,11 @@ def mutate_file(spec: str, seed: int, out: str, *, mutation: str | None = None) 
         MutationError: an unknown mutation, or one that cannot apply to this DNA.
         EvojaxNasError: `out` cannot be written.
     """
+    import jax
+
+    from evojax_nas import model, mutations
+    from evojax_nas.cli_train import read_dna
+
     parent = read_dna(spec)
     key = jax.random.PRNGKey(seed)
     # Stand-in parent weights: only their shapes matter, to tell which tensors a child re-draws.
@@ -71,6 +78,8 @@ def mutate_file(spec: str, seed: int, out: str, *, mutation: str | None = None) 
 
 def write_dna(dna: dna_lib.DNA, path: str) -> None:
     """Writes a DNA as JSON through a temporary file, so a reader never sees half of it."""
+    from evojax_nas import dna as dna_lib
+
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -116,6 +125,8 @@ def _vertex_text(v: dna_lib.Vertex) -> str:
 
 def summarize(parent: dna_lib.DNA, child: dna_lib.DNA, report: mutations.MutationReport) -> str:
     """The `mutate` command's printout: mutation, IDs, architectures, numbers, tensors."""
+    from evojax_nas import dna as dna_lib
+
     changes = dna_changes(parent, child) or ["(none)"]
     key_before, key_after = dna_lib.architecture_key(parent), dna_lib.architecture_key(child)
     lines = [

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from evojax_nas.cli_common import STORE_HELP
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError
 from evojax_nas.store import Store
 
@@ -100,7 +101,7 @@ def adjust(
 
 def add_command(sub) -> None:
     r = sub.add_parser("report", help="the best individual's test accuracy, plots, ensemble")
-    r.add_argument("store", help="the run's store (directory or gs://bucket/prefix)")
+    r.add_argument("store", help=STORE_HELP)
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--ensemble", type=int, default=3, metavar="K", help="top-K vote (3)")
     r.add_argument("--out", help="where plots go (default: <run>/report, or ./report-<name>)")
@@ -110,17 +111,17 @@ def add_command(sub) -> None:
     c.add_argument("stores", nargs="+", help="run stores; grouped by selection/inheritance")
     c.add_argument("--labels", nargs="+", help="a group label per store (default: automatic)")
     c.add_argument("--out", default="compare.png", help="the plot (compare.png)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(handler=run_compare)
 
     e = sub.add_parser("export", help="write the best individual (or ensemble) as a model")
-    e.add_argument("store")
+    e.add_argument("store", help=STORE_HELP)
     e.add_argument("--out", required=True, help="a new directory")
     e.add_argument("--ensemble", type=int, default=1, metavar="K", help="top-K vote (1)")
     e.set_defaults(handler=run_export)
 
     a = sub.add_parser("adjust", help="steer a live run: mutation rate, weight reset")
-    a.add_argument("store")
+    a.add_argument("store", help=STORE_HELP)
     a.add_argument(
         "--mutations-per-child",
         type=int,
@@ -156,6 +157,8 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
+        for warning in result.get("warnings", []):
+            print(f"warning: {warning}")
         print(result["table"])
         print(f"plot: {result['plot']}")
     return 0
@@ -166,7 +169,7 @@ def run_export(args: argparse.Namespace) -> int:
     from evojax_nas.store import open_store
 
     path = export_run(open_store(args.store, create=False), args.out, k=args.ensemble)
-    print(f"wrote {path}; load it with evojax_nas.load_model({args.out!r})")
+    print(f"wrote {path}; load it in Python with evojax_nas.load_model({args.out!r})")
     return 0
 
 
@@ -194,11 +197,17 @@ def report_lines(s: dict[str, Any]) -> list[str]:
         f"FLOPs, {60 * s['wall_hours']:.1f} min wall time",
         f"best (validation) {s['best_id']}: validation {pct(s['best_val_accuracy'])}, "
         f"TEST {pct(s['best_test_accuracy'])}",
-        f"  architecture    {s['best_architecture']}",
-        f"ensemble top-{s['ensemble_k']}    TEST {pct(s['ensemble_test_accuracy'])} "
+        f"  architecture    {s['best_architecture_detail']}",
+        f"  paper notation  {s['best_architecture']}",
+        f"ensemble top-{len(s['ensemble_ids'])}    TEST {pct(s['ensemble_test_accuracy'])} "
         f"(majority vote of {', '.join(s['ensemble_ids'])}; ties: larger summed probability)",
         f"note              {s['test_split']}",
     ]
+    if len(s["ensemble_ids"]) < s["ensemble_k"]:
+        lines.append(
+            f"  (asked for top-{s['ensemble_k']}: only {len(s['ensemble_ids'])} individuals "
+            "have stored weights)"
+        )
     if s["progress_missing"]:
         lines.append(
             f"figure 2          {len(s['progress_missing'])} point(s) not measured: weights "

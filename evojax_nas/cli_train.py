@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import TYPE_CHECKING
 
-import jax
+from evojax_nas.data import DATASETS
+from evojax_nas.errors import ConfigError, DNAError
 
-from evojax_nas import dna as dna_lib
-from evojax_nas.data import DATASETS, load_dataset
-from evojax_nas.errors import ConfigError
-from evojax_nas.model import init_variables
-from evojax_nas.samples import SAMPLES, read_dna
-from evojax_nas.train import CompileCache, TrainConfig, train_and_evaluate
+if TYPE_CHECKING:  # JAX is imported only when a command runs: `--help` stays fast
+    from evojax_nas import dna as dna_lib
+
+# The shipped sample DNAs: the same names as `evojax_nas.samples.SAMPLES` (checked by a test;
+# that package imports JAX).
+SAMPLES = ("small_conv", "bench_conv4", "bench_conv8")
+DATASET_HELP = f"one of {', '.join(DATASETS)}, or npz:PATH (your own .npz file)"
 
 
 def positive_int(text: str) -> int:
@@ -26,6 +29,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def read_dna(spec: str) -> dna_lib.DNA:
+    """`samples.read_dna` for a command line: a file that is not text is a DNAError too."""
+    from evojax_nas import samples
+
+    try:
+        return samples.read_dna(spec)
+    except UnicodeDecodeError:
+        raise DNAError(f"{spec} is not a DNA JSON file: it is not text (UTF-8)") from None
+
+
 def add_command(sub) -> None:
     p = sub.add_parser("train", help="train one individual from a DNA and print its fitness")
     p.add_argument(
@@ -34,20 +47,23 @@ def add_command(sub) -> None:
         help="DNA JSON file, 'initial' (the paper's start) or a sample: " + ", ".join(SAMPLES),
     )
     p.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
-    p.add_argument("--batch-size", type=positive_int, default=50)
-    p.add_argument(
-        "--dataset",
-        default="mnist5k",
-        help=f"one of {', '.join(DATASETS)}, or npz:PATH (default mnist5k)",
-    )
+    p.add_argument("--batch-size", type=positive_int, default=50, help="batch size (50)")
+    p.add_argument("--dataset", default="mnist5k", help=DATASET_HELP + " (default mnist5k)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir (CIFAR)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and training (0)")
     p.add_argument("--learning-rate", type=float, default=None, help="override the DNA's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from evojax_nas import dna as dna_lib
+    from evojax_nas.data import load_dataset
+    from evojax_nas.model import init_variables
+    from evojax_nas.train import TrainConfig, train_and_evaluate
+
     start = time.perf_counter()
     dataset = load_dataset(args.dataset, data_dir=args.data_dir)
     dna = read_dna(args.dna)
@@ -61,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
     variables = init_variables(dna, jax.random.fold_in(key, 0))
     t_init = time.perf_counter()
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size)
-    result = train_and_evaluate(
-        dna, variables, dataset, jax.random.fold_in(key, 1), config, CompileCache()
-    )
+    result = train_and_evaluate(dna, variables, dataset, jax.random.fold_in(key, 1), config)
     timings = {"data": t_data - start, "init": t_init - t_data, **result.timings}
     summary = {
         "architecture": dna_lib.describe(dna),

@@ -14,9 +14,10 @@ from importlib import resources
 from typing import Any
 
 from evojax_nas.errors import ConfigError
-from evojax_nas.mutations import MUTATIONS
+from evojax_nas.mutation_names import MUTATION_NAMES as MUTATIONS
 
 SELECTIONS = ("tournament", "random", "aging")
+COMPILE_CACHES = ("store", "worker")
 BUILTIN = ("quick", "paper")
 
 
@@ -43,6 +44,12 @@ class EvolutionConfig:
     max_minutes: float | None = None
     seed: int = 0
     gc_grace_seconds: float = 600.0
+    # Compiled programs shared by all workers through the run's store ("store"), or kept by
+    # each worker process for itself ("worker"): see evojax_nas/programs.py.
+    compile_cache: str = "store"
+    # Compile the next child's programs while the current child trains: true, false, or null
+    # for automatic (on where the worker has an accelerator or a spare CPU core).
+    background_compile: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,6 +92,14 @@ def validate_config(cfg: EvolutionConfig) -> EvolutionConfig:
         f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}",
     )
     _check(isinstance(cfg.inheritance, bool), "inheritance must be true or false")
+    _check(
+        cfg.compile_cache in COMPILE_CACHES,
+        f"compile_cache must be one of {', '.join(COMPILE_CACHES)}, got {cfg.compile_cache!r}",
+    )
+    _check(
+        cfg.background_compile in (True, False, None),
+        f"background_compile must be true, false or null, got {cfg.background_compile!r}",
+    )
     _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed must be an int")
     if cfg.max_children is not None:
         _check(

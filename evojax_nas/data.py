@@ -26,6 +26,7 @@ import dataclasses
 import gzip
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -439,6 +440,9 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     except DataError:
         raise
     except Exception as e:  # Not a zip, truncated, pickled objects...
+        if not zipfile.is_zipfile(path):  # numpy's own message is about allow_pickle
+            msg = "not a readable .npz: not a zip archive (numpy.savez writes one)"
+            raise DataError(f"{path}: {msg}") from e
         raise DataError(f"{path}: not a readable .npz of numeric arrays ({e})") from e
 
 

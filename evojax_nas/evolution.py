@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,8 +34,9 @@ from evojax_nas.errors import (
 )
 from evojax_nas.model import flatten, init_variables, variable_shapes
 from evojax_nas.mutations import MutationError, mutate
+from evojax_nas.programs import ProgramCache, SharedPrograms
 from evojax_nas.store import Member, Store
-from evojax_nas.train import CompileCache, TrainConfig, TrainResult, train_and_evaluate
+from evojax_nas.train import DeviceData, TrainConfig, TrainResult, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +191,44 @@ def parse_control(value: Any) -> dict:
 
 
 @dataclasses.dataclass
+class _Event:
+    """What one event has seen and decided so far (for its summary if it is abandoned)."""
+
+    number: int
+    key: jax.Array
+    members: list[Member] = dataclasses.field(default_factory=list)
+    decision: Decision = Decision("initial")
+
+
+@dataclasses.dataclass
+class Pending:
+    """A child that an event decided and mutated but has not trained yet (its first half)."""
+
+    ev: _Event
+    ind_id: str
+    dna: dna_lib.DNA
+    params: Any
+    mutation: dict
+    replaces_parent: bool = False
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds of the first half
+
+    @property
+    def parent(self) -> str | None:
+        return self.ev.decision.parent
+
+
+@dataclasses.dataclass
 class Worker:
     """One worker's context: its store, config, data and compiled-program cache.
 
-    `evaluate` trains and validates a child; tests replace it with a synthetic fitness.
+    `evaluate` trains and validates a child; tests replace it with a synthetic fitness. An
+    evaluator with a `prefetch(dna)` method is told each child's DNA as soon as it is known,
+    so that it can compile the child's programs in the background.
+
+    Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
+    race abandons the event; an individual that cannot be loaded, fitted to the data or
+    trained is killed with its reason logged; a storage failure that outlived the store's
+    retries abandons the event. Only errors of the run's own config propagate.
     """
 
     store: Store
@@ -204,59 +240,99 @@ class Worker:
     event: int = 0
     children: int = 0
     seeded: bool = False  # the population has reached its set-point once (meta SEEDED)
+    initials_in_flight: int = 0  # begun and not yet finished (with lookahead, at most one)
 
     def step(self) -> dict:
-        """One event; returns a summary dict (also what the progress display shows).
+        """One whole event; returns a summary dict (also what the progress display shows)."""
+        summary, pending = self.begin()
+        return summary if pending is None else self.finish(pending)
 
-        Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
-        race abandons the event; an individual that cannot be loaded, fitted to the data or
-        trained is killed with its reason logged; a storage failure that outlived the store's
-        retries abandons the event. Only errors of the run's own config propagate.
+    def begin(self) -> tuple[dict, Pending | None]:
+        """An event's first half: selection, the kill (at the set-point), and the new child's
+        DNA and inherited weights. Reads and kills in the store; trains nothing.
+
+        Returns:
+            (summary, None) for an event that ended here (abandoned), or (summary, the child
+            to `finish`).
         """
-        event, key = self.event, event_key(self.cfg.seed, self.worker_id, self.event)
+        ev = _Event(self.event, event_key(self.cfg.seed, self.worker_id, self.event))
         self.event += 1
-        members: list[Member] = []
-        decision = Decision("initial")
+        pending, summary = self._guarded(ev, lambda: self._first_half(ev))
+        if pending is None:
+            return summary, None
+        self.initials_in_flight += pending.parent is None
+        prefetch = getattr(self.evaluate, "prefetch", None)
+        if prefetch is not None:
+            prefetch(pending.dna)
+        return {"action": "begun", "id": pending.ind_id}, pending
+
+    def finish(self, pending: Pending) -> dict:
+        """An event's second half: trains the child, validates it, publishes it."""
+        ev = pending.ev
         try:
-            control = parse_control(self.store.read_meta(CONTROL)[0])
-            members = self.store.population()
-            decision = decide(members, key, self.cfg, self._seeded(len(members)))
-            info = {"event": event, "action": decision.action, "target": decision.target}
-            self.store.heartbeat(self.worker_id, info | {"time": time.time()})
-            if decision.kill is not None:  # the worse dies first; losing this race voids the event
-                self.store.kill(decision.kill)
-            if decision.action == "initial":
-                record = self._create_initial(key, event)
-            else:
-                birth = next(m.birth for m in members if m.id == decision.parent) / 1e9
-                record = self._reproduce(decision.parent, key, event, control, birth)
+            record, summary = self._guarded(ev, lambda: self._train_and_publish(pending))
+        finally:
+            self.initials_in_flight -= pending.parent is None
+        if record is None:
+            return summary
+        if pending.replaces_parent:
+            self._kill_quietly(pending.parent)
+        summary = {"action": ev.decision.action, "population": len(ev.members) + 1, **record}
+        if ev.decision.kill is not None:
+            summary |= {"killed": ev.decision.kill, "population": len(ev.members)}
+        return summary
+
+    def _first_half(self, ev: _Event) -> Pending:
+        t0 = time.perf_counter()
+        control = parse_control(self.store.read_meta(CONTROL)[0])
+        ev.members = self.store.population()
+        ev.decision = decide(ev.members, ev.key, self.cfg, self._seeded(len(ev.members)))
+        d = ev.decision
+        info = {"event": ev.number, "action": d.action, "target": d.target}
+        self.store.heartbeat(self.worker_id, info | {"time": (beat := time.time())})
+        if d.action == "initial" and _initials_ahead(self, ev.members, beat):
+            self.store.heartbeat(self.worker_id, {"action": "wait", "time": time.time()})
+            time.sleep(0.5)  # the set-point's last initial individuals are being trained
+            raise ConcurrencyError("initials in flight")
+        if d.kill is not None:  # the worse dies first; losing this race voids the event
+            self.store.kill(d.kill)
+        selected = time.perf_counter() - t0
+        if d.action == "initial":
+            pending = self._initial(ev)
+        else:
+            birth = next(m.birth for m in ev.members if m.id == d.parent) / 1e9
+            pending = self._child(ev, control, birth)
+        pending.timings["select"] = selected
+        return pending
+
+    def _guarded(self, ev: _Event, fn: Callable[[], Any]) -> tuple[Any, dict | None]:
+        """(fn(), None), or (None, the abandoned event's summary) when `fn` fails."""
+        parent = lambda: ev.decision.parent  # noqa: E731  (decided inside fn)
+        try:
+            return fn(), None
         except ConcurrencyError as exc:
-            return self._abandon(event, members, exc)
+            return None, self._abandon(ev, exc)
         except NotFoundError as exc:
             # Listed alive yet unreadable: a phantom (its DNA or checkpoint is gone), unless it
             # died meanwhile. Killing it settles both cases: a phantom must not live forever.
-            return self._drop(decision.parent, event, members, exc)
+            return None, self._drop(parent(), ev, exc)
         except BAD_INDIVIDUAL as exc:
-            return self._drop(decision.parent, event, members, exc)
+            return None, self._drop(parent(), ev, exc)
         except (StoreError, OSError) as exc:  # the store's retries gave up, or a local fault
-            log.warning("worker %d event %d: storage failed: %s", self.worker_id, event, exc)
+            log.warning("worker %d event %d: storage failed: %s", self.worker_id, ev.number, exc)
             if isinstance(exc, OSError):
                 time.sleep(1.0)  # e.g. a full disk: do not spin
-            return self._abandon(event, members, exc)
+            return None, self._abandon(ev, exc)
         except Exception as exc:
-            if decision.action == "initial":
+            if ev.decision.action == "initial":
                 raise  # an initial individual that cannot train is the run's own config's fault
-            return self._drop(decision.parent, event, members, exc)  # it cannot be trained
-        summary = {"action": decision.action, "population": len(members) + 1, **record}
-        if decision.kill is not None:
-            summary |= {"killed": decision.kill, "population": len(members)}
-        return summary
+            return None, self._drop(parent(), ev, exc)  # it cannot be trained
 
-    def _abandon(self, event: int, members: list[Member], exc: BaseException) -> dict:
-        log.info("worker %d event %d abandoned: %s", self.worker_id, event, exc)
-        return {"action": "abandoned", "reason": str(exc), "population": len(members)}
+    def _abandon(self, ev: _Event, exc: BaseException) -> dict:
+        log.info("worker %d event %d abandoned: %s", self.worker_id, ev.number, exc)
+        return {"action": "abandoned", "reason": str(exc), "population": len(ev.members)}
 
-    def _drop(self, ind_id: str | None, event: int, members: list, exc: BaseException) -> dict:
+    def _drop(self, ind_id: str | None, ev: _Event, exc: BaseException) -> dict:
         """Kills an individual this worker cannot use, logging why; the event is abandoned."""
         reason = f"{type(exc).__name__}: {exc}"
         if ind_id is not None:
@@ -266,7 +342,7 @@ class Worker:
             "action": "abandoned",
             "reason": reason,
             "dropped": ind_id,
-            "population": len(members),
+            "population": len(ev.members),
         }
 
     def _kill_quietly(self, ind_id: str | None) -> None:
@@ -288,26 +364,26 @@ class Worker:
             self.seeded = True
         return self.seeded
 
-    def _create_initial(self, key: jax.Array, event: int) -> dict:
+    def _initial(self, ev: _Event) -> Pending:
+        t0 = time.perf_counter()
         dna = dna_lib.initial_dna(
             self.input_channels, self.num_classes, self.cfg.initial_learning_rate
         )
-        params = init_variables(dna, jax.random.fold_in(key, INIT))
-        ind_id = f"init-{self.worker_id:03d}-{event:06d}"
-        return self._train_and_publish(
-            ind_id,
+        params = init_variables(dna, jax.random.fold_in(ev.key, INIT))
+        return Pending(
+            ev,
+            f"init-{self.worker_id:03d}-{ev.number:06d}",
             dna,
             params,
-            key,
-            event,
-            parent=None,
             mutation={"names": [], "touched": [], "reinitialised": ["*"]},
+            timings={"mutate": time.perf_counter() - t0},
         )
 
-    def _reproduce(
-        self, parent_id: str, key: jax.Array, event: int, control: dict, parent_birth: float
-    ) -> dict:
+    def _child(self, ev: _Event, control: dict, parent_birth: float) -> Pending:
+        t0 = time.perf_counter()
+        parent_id = ev.decision.parent
         parent, params = load_parent(self.store, parent_id, self.input_channels, self.num_classes)
+        t1 = time.perf_counter()
         weights, count = self.cfg.mutation_weights, self.cfg.mutations_per_child
         if control.get("mutations_per_child") and time.time() < control.get(
             "mutations_until", math.inf
@@ -322,7 +398,7 @@ class Worker:
         child, child_params, report = mutate(
             parent,
             params,
-            jax.random.fold_in(key, MUTATE),
+            jax.random.fold_in(ev.key, MUTATE),
             weights=weights,
             count=count,
             inherit=inherit,
@@ -334,35 +410,28 @@ class Worker:
             "weights": weights,
             "replaces_parent": replace,
         }
-        record = self._train_and_publish(
-            child_id(self.worker_id, event),
-            child,
-            child_params,
-            key,
-            event,
-            parent=parent_id,
-            mutation=mutation,
+        timings = {"load_parent": t1 - t0, "mutate": time.perf_counter() - t1}
+        return Pending(
+            ev, child_id(self.worker_id, ev.number), child, child_params, mutation, replace, timings
         )
-        if replace:
-            self._kill_quietly(parent_id)
-        return record
 
-    def _train_and_publish(self, ind_id, dna, params, key, event, *, parent, mutation) -> dict:
+    def _train_and_publish(self, p: Pending) -> dict:
+        key = p.ev.key
         start = time.time()
-        result = self.evaluate(dna, params, jax.random.fold_in(key, TRAIN))
+        result = self.evaluate(p.dna, p.params, jax.random.fold_in(key, TRAIN))
         record = {
-            "id": ind_id,
-            "parent": parent,
-            "mutation": mutation,
+            "id": p.ind_id,
+            "parent": p.parent,
+            "mutation": p.mutation,
             "worker": self.worker_id,
-            "event": event,
+            "event": p.ev.number,
             "key": [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
             if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
             else [int(x) for x in np.asarray(key).ravel()],
             "seed": self.cfg.seed,
-            "learning_rate": dna.learning_rate,
-            "architecture": dna_lib.describe(dna),
-            "architecture_key": dna_lib.architecture_key(dna),
+            "learning_rate": p.dna.learning_rate,
+            "architecture": dna_lib.describe(p.dna),
+            "architecture_key": dna_lib.architecture_key(p.dna),
             "val_accuracy": result.val_accuracy,
             "diverged": result.diverged,
             "steps": result.steps_run,
@@ -371,20 +440,58 @@ class Worker:
             "flops_eval_batch": result.flops_eval_batch,
             "params": result.param_count,
             "train_seconds": time.time() - start,
-            "timings": result.timings,
+            "programs": result.programs,  # memory, shared (the run's store) or compiled
+            "timings": {**p.timings, **result.timings},
             "device": device_info(),  # platform and device kind that trained it
             "born": time.time(),
         }
         self.store.publish(
-            ind_id, dna_lib.to_dict(dna), record, result.val_accuracy, result.variables
+            p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, result.variables
         )
         self.children += 1
         return record
 
 
-def training_evaluator(dataset, cfg: EvolutionConfig, cache: CompileCache) -> Evaluator:
-    """The real fitness: train on the dataset's train split, accuracy on its validation split."""
-    train_cfg = TrainConfig(
+def _initials_ahead(worker: Worker, members: Sequence[Member], since: float) -> bool:
+    """While seeding: do initial individuals in flight fill the set-point — the worker's own
+    (with lookahead) and those other workers decided earlier?
+
+    Without this, workers that decide at once create more initials than the set-point.
+    """
+    if worker.seeded:
+        return False
+    now, me, ahead = time.time(), (since, worker.worker_id), worker.initials_in_flight
+    for w in worker.store.workers():
+        t = w.get("time")
+        if w.get("worker") == worker.worker_id:
+            continue
+        if w.get("action") == "initial" and not w.get("stopped") and isinstance(t, int | float):
+            ahead += now - t < 90 and (w.get("since", t), w.get("worker", -1)) < me
+    return len(members) + ahead >= worker.cfg.population
+
+
+@dataclasses.dataclass
+class TrainingEvaluator:
+    """The real fitness: train on the train split, accuracy on the validation split.
+
+    The data goes to the device once, here; `prefetch` starts compiling a child's programs
+    in the background (see `evojax_nas.programs.ProgramCache`).
+    """
+
+    data: DeviceData
+    config: TrainConfig
+    cache: ProgramCache
+
+    def __call__(self, dna: dna_lib.DNA, params: Any, key: jax.Array) -> TrainResult:
+        return train_and_evaluate(dna, params, self.data, key, self.config, self.cache)
+
+    def prefetch(self, dna: dna_lib.DNA) -> None:
+        self.cache.prefetch(dna, self.data.layout, self.config)
+
+
+def train_config(cfg: EvolutionConfig) -> TrainConfig:
+    """How a run trains each child."""
+    return TrainConfig(
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         momentum=cfg.momentum,
@@ -392,10 +499,33 @@ def training_evaluator(dataset, cfg: EvolutionConfig, cache: CompileCache) -> Ev
         eval_batch_size=cfg.eval_batch_size,
     )
 
-    def evaluate(dna, params, key):
-        return train_and_evaluate(dna, params, dataset, key, train_cfg, cache)
 
-    return evaluate
+def program_cache(store: Store | None, cfg: EvolutionConfig) -> ProgramCache:
+    """A worker's program cache: shared through the run's store unless the config says not."""
+    shared = SharedPrograms(store) if store is not None and cfg.compile_cache == "store" else None
+    return ProgramCache(shared=shared)
+
+
+def background_compile(cfg: EvolutionConfig, platform: str | None = None) -> bool:
+    """Whether workers compile the next child's programs while the current one trains.
+
+    Automatic (config null): on an accelerator always (the host's CPUs are idle while the chip
+    trains); on CPU when the machine has more cores than the run's local workers, so that
+    compiling does not take a core from another worker's training.
+    """
+    if cfg.background_compile is not None:
+        return cfg.background_compile
+    platform = platform or jax.default_backend()
+    return platform != "cpu" or (os.cpu_count() or 1) > cfg.workers
+
+
+def training_evaluator(
+    dataset, cfg: EvolutionConfig, cache: ProgramCache | None = None
+) -> TrainingEvaluator:
+    """The real fitness of a run's children on `dataset` (uploaded to the device once)."""
+    train_cfg = train_config(cfg)
+    data = DeviceData.upload(dataset, train_cfg.eval_batch_size)
+    return TrainingEvaluator(data, train_cfg, cache if cache is not None else ProgramCache())
 
 
 def run_worker(
@@ -405,15 +535,49 @@ def run_worker(
     deadline: float | None,
     on_event: Callable[[dict], None] | None = None,
     gc_every: int = 25,
+    lookahead: bool = False,
+    keep_going: Callable[[], bool] = lambda: True,
 ) -> int:
-    """Steps until this worker has trained `max_children` or the deadline passes."""
-    while (max_children is None or worker.children < max_children) and (
-        deadline is None or time.time() < deadline
-    ):
-        summary = worker.step()
+    """Steps until this worker has trained `max_children` or the deadline passes.
+
+    With `lookahead`, the next event's first half (selection, mutation — and, through the
+    evaluator's `prefetch`, the compile of the child's programs) runs while the current child
+    trains. Each event stays fully determined by its key and the parent it records; its
+    selection just does not see the child still in training. A child already begun when the
+    deadline passes is finished, as an in-flight child always is. `keep_going` is asked
+    before each new event (a stop request ends the loop between children).
+    """
+
+    def more(in_flight: int) -> bool:
+        return (
+            (max_children is None or worker.children + in_flight < max_children)
+            and (deadline is None or time.time() < deadline)
+            and keep_going()
+        )
+
+    def emit(summary: dict) -> None:
         summary["worker"] = worker.worker_id
         if on_event is not None:
             on_event(summary)
         if worker.event % gc_every == 0:
             worker.store.gc(worker.cfg.gc_grace_seconds)
+
+    def begin_child(in_flight: int) -> Pending | None:
+        """Runs events until one begins a child (kills and abandoned events end at once)."""
+        while more(in_flight):
+            summary, pending = worker.begin()
+            if pending is not None:
+                return pending
+            emit(summary)
+        return None
+
+    pending = begin_child(0)
+    while pending is not None:
+        following = None
+        if lookahead and more(1):  # one try: an abandoned event must not delay this child
+            summary, following = worker.begin()
+            if following is None:
+                emit(summary)
+        emit(worker.finish(pending))
+        pending = following if following is not None else begin_child(0)
     return worker.children

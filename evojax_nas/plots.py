@@ -232,12 +232,35 @@ def compare(
         raise report.ReportError(f"{len(labels)} labels for {len(urls)} stores")
     runs = []
     for i, url in enumerate(urls):
-        summary = report.run_summary(open_store(url, create=False), k=1)
+        store = open_store(url, create=False)
+        summary = report.run_summary(store, k=1)
         summary["group"] = labels[i] if labels else group_label(summary)
+        summary["budget"] = {k: store.read_config().get(k) for k in BUDGET_FIELDS}
         runs.append(summary)
+    warnings = comparable(runs)
     groups = _group(runs)
     _plot_compare(runs, groups, out)
-    return {"runs": runs, "groups": groups, "table": table(groups), "plot": out}
+    result = {"runs": runs, "groups": groups, "table": table(groups), "plot": out}
+    return result | {"warnings": warnings}
+
+
+BUDGET_FIELDS = ("population", "steps", "max_children", "max_minutes", "workers")
+
+
+def comparable(runs: Sequence[dict]) -> list[str]:
+    """Refuses runs on different datasets (different test sets); warns on different budgets."""
+    datasets = sorted({r["dataset"] for r in runs})
+    if len(datasets) > 1:
+        raise report.ReportError(
+            f"these runs use different datasets ({', '.join(datasets)}): their test "
+            "accuracies cannot be averaged or compared; compare runs of one dataset"
+        )
+    warnings = []
+    for field in BUDGET_FIELDS:
+        values = sorted({str(r["budget"][field]) for r in runs})
+        if len(values) > 1:
+            warnings.append(f"the runs differ in {field} ({', '.join(values)})")
+    return warnings
 
 
 def _group(runs: Sequence[dict]) -> list[dict]:
@@ -253,7 +276,8 @@ def _group(runs: Sequence[dict]) -> list[dict]:
                 "runs": len(rs),
                 "seeds": [r["seed"] for r in rs],
                 "test_mean": float(np.nanmean(test)) if not np.all(np.isnan(test)) else None,
-                "test_std": float(np.nanstd(test, ddof=1)) if np.sum(~np.isnan(test)) > 1 else 0.0,
+                # σ over runs: undefined (None, "n/a") for a group of one measured run
+                "test_std": float(np.nanstd(test, ddof=1)) if np.sum(~np.isnan(test)) > 1 else None,
                 "val_mean": float(np.mean([r["best_val_accuracy"] for r in rs])),
                 "flops_mean": float(np.mean([r["total_flops"] for r in rs])),
                 "individuals_mean": float(np.mean([r["individuals_trained"] for r in rs])),

@@ -43,7 +43,12 @@ def trained_records(store: Store) -> list[dict]:
     """Every individual's record that completed training, oldest first."""
     records = [r for r in store.records() if isinstance(r.get("born"), int | float)]
     if not records:
-        raise ReportError(f"{store.url} holds no trained individuals yet: run `evojax-nas evolve`")
+        from evojax_nas.cli_common import command
+
+        raise ReportError(
+            f"{store.url} holds no trained individuals yet: start a worker with "
+            f"`{command()} worker {store.url}`"
+        )
     return sorted(records, key=lambda r: (r["born"], r["id"]))
 
 

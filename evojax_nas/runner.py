@@ -1,7 +1,8 @@
 """Starting a run and its local worker processes; live progress; the state of a run.
 
 Workers are independent processes (spawned: JAX is not fork-safe) that coordinate only
-through the store; the parent process only reads their progress from a queue to show it.
+through the store; the parent process reads their progress from a queue to show it, restarts
+a worker that dies unexpectedly, and stops them all however it ends itself.
 """
 
 from __future__ import annotations
@@ -14,11 +15,27 @@ import queue as queue_lib
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from evojax_nas.cli_common import command
 from evojax_nas.config import EvolutionConfig, from_dict
 from evojax_nas.errors import ConcurrencyError, ConfigError, EvojaxNasError, NotFoundError
+from evojax_nas.lifecycle import (
+    LIVE_SECONDS,
+    GracefulStop,
+    Heartbeat,
+    interrupts_end_the_process,
+    is_live,
+    watch_parent,
+)
 from evojax_nas.store import Store, open_store, retrying
+
+WORKER_COUNTER = "worker-ids"  # meta file: {"next": the next unclaimed worker ID}
+FINISHED = "finished"  # meta: the run's time budget is spent (written by the worker that saw it)
+STOP_GRACE = 15.0  # seconds a stopping worker may take to finish a child the population needs
+MAX_RESTARTS = 3  # worker restarts allowed within RESTART_WINDOW before `evolve` gives up
+RESTART_WINDOW = 600.0
 
 
 def create_or_join(store: Store, cfg: EvolutionConfig | None) -> EvolutionConfig:
@@ -29,19 +46,16 @@ def create_or_join(store: Store, cfg: EvolutionConfig | None) -> EvolutionConfig
         stored = from_dict(store.read_config())
     except NotFoundError:
         raise ConfigError(
-            f"{store.url} holds no run: start one with `evojax-nas evolve --out {store.url}`"
+            f"{store.url} holds no run: start one with `{command()} evolve --out {store.url}`"
         ) from None
     if cfg is not None and stored != cfg:
         changed = sorted(k for k, v in cfg.to_dict().items() if stored.to_dict()[k] != v)
         raise ConfigError(
             f"{store.url} already holds a run with a different config "
-            f"(fields {changed}); join it with `evojax-nas worker {store.url}` "
+            f"(fields {changed}); join it with `{command()} worker {store.url}` "
             "or choose another --out"
         )
     return stored
-
-
-WORKER_COUNTER = "worker-ids"  # meta file: {"next": the next unclaimed worker ID}
 
 
 def claim_worker_id(store: Store, start: int = 0) -> int:
@@ -66,6 +80,82 @@ def _first_unclaimed(store: Store, wid: int) -> int:
     return wid
 
 
+def check_run_inputs(url: str, cfg: EvolutionConfig) -> None:
+    """Checks everything `evolve` needs before it creates anything: the store's place and the
+    dataset (loaded once, completely). Raises ConfigError, DataError or StoreError."""
+    if not url.startswith("gs://"):
+        path = os.path.abspath(url.removeprefix("file://"))
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--out {url}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {url}: {parent} is not writable")
+    from evojax_nas.data import load_dataset
+
+    load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+
+
+def create_run(url: str, cfg: EvolutionConfig) -> EvolutionConfig:
+    """Checks the inputs, then writes the run's config into a new store (or joins the run)."""
+    check_run_inputs(url, cfg)
+    return create_or_join(open_store(url), cfg)
+
+
+def trained(records: Sequence[dict]) -> list[dict]:
+    """The records of individuals that completed training."""
+    return [r for r in records if isinstance(r.get("born"), int | float)]
+
+
+def active_seconds(records: Sequence[dict]) -> float:
+    """Time during which at least one worker was training a child that it then published.
+
+    Pauses between sessions of a run (all workers stopped) do not count.
+    """
+    spans = sorted(
+        (r["born"] - max(0.0, float(r.get("train_seconds") or 0.0)), r["born"])
+        for r in trained(records)
+    )
+    total, end = 0.0, -math.inf
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What is left of a run's budget (`max_children`, `max_minutes` of its config)."""
+
+    done: int  # children trained so far
+    children_left: int | None  # None: no limit
+    deadline: float | None  # Unix time the run's minutes run out; None: no limit
+    spent: str = ""  # why nothing is left; "" while something is
+
+    def describe(self, cfg: EvolutionConfig) -> str:
+        parts = [f"{cfg.max_children} children"] if cfg.max_children is not None else []
+        parts += [f"{cfg.max_minutes:g} minutes"] if cfg.max_minutes else []
+        return " / ".join(parts) or "no limit"
+
+
+def run_budget(
+    store: Store, cfg: EvolutionConfig, records: Sequence[dict] | None = None, now: float = 0.0
+) -> Budget:
+    """The run's budget, counted over the whole run (every worker, every session)."""
+    now = now or time.time()
+    done = trained(store.records() if records is None else records)
+    left = None if cfg.max_children is None else max(0, cfg.max_children - len(done))
+    deadline = now + 60 * cfg.max_minutes - active_seconds(done) if cfg.max_minutes else None
+    spent = ""
+    if left == 0:
+        spent = f"its {cfg.max_children} children are trained"
+    elif cfg.max_minutes and (store.read_meta(FINISHED)[0] or deadline <= now):
+        spent = f"its {cfg.max_minutes:g} minutes are spent"
+    return Budget(len(done), left, deadline, spent)
+
+
 def worker_main(
     url: str,
     worker_id: int,
@@ -73,46 +163,89 @@ def worker_main(
     deadline: float | None,
     events: Any = None,
     verbose: bool = False,
+    *,
+    stop: GracefulStop | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    run_max_children: int | None = None,
 ) -> int:
-    """The body of one worker process (also what `evojax-nas worker` runs)."""
+    """The body of one worker process (also what `evojax-nas worker` runs).
+
+    It stops after `max_children` children, or between events once `deadline` passes or a stop
+    is requested, but not while the population is below its set-point (a stop interrupts at
+    most the child that refills it). `run_max_children` also stops it when the whole run has
+    trained that many (checked every few events: other workers count too).
+    """
     import logging
 
     from evojax_nas.data import load_dataset
-    from evojax_nas.evolution import Worker, run_worker, training_evaluator
-    from evojax_nas.train import CompileCache, enable_compilation_cache
+    from evojax_nas.evolution import (
+        Worker,
+        background_compile,
+        program_cache,
+        run_worker,
+        training_evaluator,
+    )
+    from evojax_nas.train import enable_compilation_cache
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    enable_compilation_cache()
     store = retrying(open_store(url, create=False))  # waits out storage outages
     cfg = from_dict(store.read_config())
+    if cfg.compile_cache == "worker":  # else programs come from the run's store
+        enable_compilation_cache()
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
     worker = Worker(
         store,
         cfg,
         worker_id,
-        training_evaluator(dataset, cfg, CompileCache()),
+        training_evaluator(dataset, cfg, program_cache(store, cfg)),
         dataset.image_shape[-1],
         dataset.num_classes,
     )
-    on_event = events.put if events is not None else None
+    stop = stop or GracefulStop()
+    extra = [0]  # events run since the stop was requested
+
+    def after_event(summary: dict) -> None:
+        if events is not None:
+            events.put(summary)
+        if on_event is not None:
+            on_event(summary)
+        if deadline is not None and time.time() >= deadline:
+            stop.request("deadline")
+        if run_max_children is not None and worker.event % 5 == 0:
+            if len(trained(store.records())) >= run_max_children:
+                stop.request("budget")
+        if stop.requested:
+            extra[0] += 1
+
+    def keep_going() -> bool:
+        """False once a stop was requested, unless the population needs another child."""
+        if not stop.requested:
+            return True
+        seeding = not getattr(worker, "seeded", True)
+        return not (seeding or extra[0] > 3 or len(store.population()) >= cfg.population)
+
+    beat = Heartbeat(store, worker_id)
+    reason = "crashed"
     try:
-        return run_worker(worker, max_children=max_children, deadline=deadline, on_event=on_event)
+        run_worker(
+            worker,
+            max_children=max_children,
+            deadline=None,
+            on_event=after_event,
+            lookahead=background_compile(cfg),
+            keep_going=keep_going,
+        )
+        reason = stop.reason if stop.requested else "budget"
     except KeyboardInterrupt:
-        return worker.children
-
-
-def _stop(procs: list, grace: float = 10.0) -> None:
-    """Interrupts every worker (a Ctrl-C on a terminal reaches them already; a `kill -INT` of
-    this process does not), then terminates the ones still running after `grace` seconds."""
-    for p in procs:
-        if p.is_alive() and p.pid is not None:
-            os.kill(p.pid, signal.SIGINT)
-    end = time.time() + grace
-    for p in procs:
-        p.join(timeout=max(0.0, end - time.time()))
-        if p.is_alive():
-            p.terminate()
-            p.join(timeout=5)
+        reason = "interrupted"
+    finally:
+        beat.close(reason)
+    if reason == "deadline":
+        try:
+            store.write_meta(FINISHED, {"time": time.time(), "worker": worker_id})
+        except ConcurrencyError:
+            pass  # another worker saw the deadline first
+    return worker.children
 
 
 def _worker_process(
@@ -122,16 +255,25 @@ def _worker_process(
     deadline: float | None,
     events: Any,
     verbose: bool,
+    parent_pid: int | None = None,
     env: dict | None = None,
 ) -> None:
-    """A spawned worker: a user-caused error goes to the parent as one message, not a traceback."""
+    """A spawned worker: a user-caused error goes to the parent as one message, not a traceback.
+
+    It exits by itself when its parent is gone; SIGINT asks it to stop between children.
+    """
     if env:  # its own chip (evojax_nas.devices), set before anything opens a device
         os.environ.update(env)
+    if parent_pid is not None:
+        watch_parent(parent_pid)
+    stop = GracefulStop().install()
     try:
-        worker_main(url, worker_id, max_children, deadline, events, verbose)
+        worker_main(url, worker_id, max_children, deadline, events, verbose, stop=stop)
     except EvojaxNasError as exc:
         events.put({"action": "error", "worker": worker_id, "message": str(exc)})
         sys.exit(2)
+    except KeyboardInterrupt:
+        pass  # stopped (SIGTERM, or a second SIGINT) before its loop started
 
 
 def split_budget(total: int | None, workers: int) -> list[int | None]:
@@ -142,19 +284,29 @@ def split_budget(total: int | None, workers: int) -> list[int | None]:
 
 @dataclasses.dataclass
 class Progress:
-    """Live totals from worker events; prints one line per trained child."""
+    """Live totals from worker events; prints one line per trained child (nothing if `out`
+    is None)."""
 
     budget: int | None
     start: float = dataclasses.field(default_factory=time.time)
-    children: int = 0
+    children: int = 0  # in the run, including `offset` trained before this session
+    offset: int = 0  # children trained before this session (not in the rate)
     kills: int = 0
     abandoned: int = 0
     best: float = 0.0
     best_id: str = ""
     flops: float = 0.0
     population: int = 0
-    out: Any = sys.stdout
+    out: Any = dataclasses.field(default_factory=lambda: sys.stdout)  # the current stdout
     errors: list = dataclasses.field(default_factory=list)  # messages of failed workers
+    by_worker: dict = dataclasses.field(default_factory=dict)  # children per worker ID
+
+    def __post_init__(self):
+        self.children = max(self.children, self.offset)
+
+    def say(self, line: str) -> None:
+        if self.out is not None:
+            print(line, file=self.out, flush=True)
 
     def update(self, event: dict) -> None:
         action = event.get("action")
@@ -165,24 +317,33 @@ class Progress:
         if action == "kill":
             self.kills += 1
             return
-        if action == "abandoned":
-            self.abandoned += 1
+        if action not in ("initial", "reproduce"):
+            self.abandoned += action == "abandoned"
             return
         self.children += 1
+        self.by_worker[event.get("worker")] = self.by_worker.get(event.get("worker"), 0) + 1
         self.flops += event.get("flops", 0.0)
         if event.get("val_accuracy", 0.0) > self.best:
             self.best, self.best_id = event["val_accuracy"], event["id"]
         minutes = max(time.time() - self.start, 1e-9) / 60
         total = f"/{self.budget}" if self.budget is not None else ""
         names = ",".join(event.get("mutation", {}).get("names", [])) or "initial"
-        print(
+        self.say(
             f"[{minutes:6.1f} min] children {self.children}{total} | best val "
             f"{self.best:.4f} | population {self.population} | FLOPs {self.flops:.2e} | "
-            f"{self.children / minutes:.1f}/min | {event['id']} {names} "
-            f"val {event.get('val_accuracy', 0):.4f}",
-            file=self.out,
-            flush=True,
+            f"{(self.children - self.offset) / minutes:.1f}/min | {event['id']} {names} "
+            f"val {event.get('val_accuracy', 0):.4f}"
         )
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One local worker process, the share of the budget it was started with, its environment."""
+
+    proc: Any
+    worker_id: int
+    share: int | None
+    env: dict = dataclasses.field(default_factory=dict)
 
 
 def evolve(
@@ -190,48 +351,162 @@ def evolve(
     cfg: EvolutionConfig,
     *,
     verbose: bool = False,
-    out: Any = sys.stdout,
+    out: Any = "stdout",
+    checked: bool = False,
     worker_envs: list[dict] | None = None,
 ) -> Progress:
     """Creates (or joins) the run at `url` and runs `cfg.workers` local worker processes.
 
-    `worker_envs` (see `evojax_nas.devices.plan`) gives each worker its own environment, e.g.
-    its own chip; there are then as many workers as environments.
+    However this ends — the budget, Ctrl-C, SIGTERM, SIGHUP, a closed stdout, an error — its
+    workers end too; on a stop request each first finishes a child the population needs
+    (up to `STOP_GRACE` seconds). A worker that dies unexpectedly is restarted, at most
+    `MAX_RESTARTS` times in `RESTART_WINDOW` seconds. The budget counts the whole run, so a
+    second `evolve` on the same run continues it rather than adding a budget.
+
+    Args:
+        url: the run's store.
+        cfg: the run's config (must equal the stored one when the run exists).
+        verbose: workers log at INFO level.
+        out: where progress lines go: "stdout" (the current one), a file, or None (nowhere).
+        checked: `check_run_inputs(url, cfg)` was already called.
+        worker_envs: each worker's own environment (`evojax_nas.devices.plan`), e.g. its own
+            chip; there are then as many workers as environments.
     """
+    if not checked:
+        check_run_inputs(url, cfg)
     store = open_store(url)
     cfg = create_or_join(store, cfg)
-    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    budget = run_budget(store, cfg)
+    out = sys.stdout if out == "stdout" else out
+    progress = Progress(cfg.max_children, out=out, offset=budget.done)
+    if budget.spent:
+        progress.say(f"run {url} is finished ({budget.spent}): nothing to do")
+        return progress
+    if budget.done:
+        progress.say(
+            f"continuing run {url}: {budget.done} children trained already; the budget "
+            f"({budget.describe(cfg)}) counts the whole run"
+        )
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
-    progress = Progress(cfg.max_children, out=out)
-    procs = []
-    envs = worker_envs if worker_envs is not None else [{}] * cfg.workers
-    for budget, env in zip(split_budget(cfg.max_children, len(envs)), envs, strict=True):
-        wid = claim_worker_id(store)
-        p = ctx.Process(
-            target=_worker_process,
-            args=(url, wid, budget, deadline, events, verbose, env),
-            name=f"evojax-nas-worker-{wid}",
-        )
-        p.start()
-        procs.append(p)
-    try:
-        while any(p.is_alive() for p in procs) or not events.empty():
-            try:
-                progress.update(events.get(timeout=0.5))
-            except queue_lib.Empty:
-                continue
-    except KeyboardInterrupt:
-        print("stopping workers (their in-flight children are dropped) …", file=out, flush=True)
-        _stop(procs)
-        raise
-    failed = [p.name for p in procs if p.exitcode not in (0, None)]
-    if progress.errors:
-        raise EvojaxNasError(progress.errors[0])
+    slots: list[_Slot] = []
+    with interrupts_end_the_process():
+        try:
+            envs = worker_envs if worker_envs is not None else [{}] * cfg.workers
+            shares = split_budget(budget.children_left, len(envs))
+            for share, env in zip(shares, envs, strict=True):
+                if share == 0:
+                    continue
+                wid = claim_worker_id(store)
+                p = ctx.Process(
+                    target=_worker_process,
+                    args=(url, wid, share, budget.deadline, events, verbose, os.getpid(), env),
+                    name=f"evojax-nas-worker-{wid}",
+                )
+                p.start()
+                slots.append(_Slot(p, wid, share, env))
+            _supervise(store, ctx, slots, events, progress, budget.deadline, verbose)
+        except BaseException:
+            _stop(slots, events, progress)
+            _settle_quietly(store, cfg)
+            raise
+    failed = [s.proc.name for s in slots if s.proc.exitcode not in (0, None)]
     if failed:
         raise EvojaxNasError(f"worker processes failed: {failed} (run with -v for their logs)")
     settle(store, cfg)
     return progress
+
+
+def _drain(events: Any, progress: Progress, timeout: float) -> None:
+    """Shows every queued worker event, waiting up to `timeout` for the first."""
+    try:
+        progress.update(events.get(timeout=timeout))
+        while True:
+            progress.update(events.get_nowait())
+    except queue_lib.Empty:
+        pass
+
+
+def _supervise(store, ctx, slots, events, progress, deadline, verbose) -> None:
+    """Shows progress until every worker has stopped; restarts one that died unexpectedly."""
+    restarts: list[float] = []
+    while any(s.proc.is_alive() for s in slots) or not events.empty():
+        _drain(events, progress, 0.5)
+        if progress.errors:  # a user error in the run's config: every worker would hit it
+            raise EvojaxNasError(progress.errors[0])
+        for i, slot in enumerate(slots):
+            code = slot.proc.exitcode
+            if code is None or code in (0, 2):  # running, done, or a reported user error
+                continue
+            left = (
+                None
+                if slot.share is None
+                else slot.share - progress.by_worker.get(slot.worker_id, 0)
+            )
+            if left is not None and left <= 0:
+                continue
+            now = time.time()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW]
+            if len(restarts) >= MAX_RESTARTS:
+                raise EvojaxNasError(
+                    f"worker processes keep dying ({len(restarts)} restarts in the last "
+                    f"{RESTART_WINDOW / 60:.0f} minutes, last exit code {code}); "
+                    "run with -v for their logs"
+                )
+            restarts.append(now)
+            wid = claim_worker_id(store)
+            p = ctx.Process(
+                target=_worker_process,
+                args=(store.url, wid, left, deadline, events, verbose, os.getpid(), slot.env),
+                name=f"evojax-nas-worker-{wid}",
+            )
+            p.start()
+            slots[i] = _Slot(p, wid, left, slot.env)
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            progress.say(f"worker {slot.worker_id} died ({how}); restarted as worker {wid}")
+
+
+def _stop(slots: list[_Slot], events: Any, progress: Progress, grace: float = STOP_GRACE) -> None:
+    """Stops every worker: asks (SIGINT: finish a child the population needs), then after
+    `grace` seconds, or at a second Ctrl-C, terminates; kills what is still left."""
+    live = [s.proc for s in slots if s.proc.is_alive()]
+    for p in live:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    if live:
+        try:
+            progress.say(
+                "stopping workers: each finishes its child in flight if the population needs "
+                f"it (at most {grace:.0f} s; Ctrl-C again drops it) …"
+            )
+        except OSError:
+            progress.out = None
+    end = time.time() + grace
+    try:
+        while any(p.is_alive() for p in live) and time.time() < end:
+            try:
+                _drain(events, progress, 0.2)  # also keeps their queue from filling up
+            except OSError:  # stdout is gone (closed pipe, hung-up terminal)
+                progress.out = None
+    except KeyboardInterrupt:
+        pass
+    for attempt in (lambda p: p.terminate(), lambda p: p.kill()):
+        for p in live:
+            try:
+                if p.is_alive():
+                    attempt(p)
+                p.join(timeout=5)
+            except KeyboardInterrupt:
+                continue  # a further Ctrl-C must not leave a worker behind
+
+
+def _settle_quietly(store: Store, cfg: EvolutionConfig) -> None:
+    try:
+        settle(store, cfg)
+    except Exception:  # the run is being interrupted: the next session settles it
+        pass
 
 
 SETTLE_WORKER = 999_999  # the key stream of the end-of-run settling kills
@@ -242,10 +517,10 @@ def settle(store: Store, cfg: EvolutionConfig) -> int:
 
     Workers that reproduce at the same moment can leave a few more than the set-point alive.
     """
-    from evojax_nas.evolution import decide, event_key
-
     kills = 0
     while len(members := store.population()) > cfg.population:
+        from evojax_nas.evolution import decide, event_key  # JAX: only when there is work
+
         decision = decide(members, event_key(cfg.seed, SETTLE_WORKER, kills), cfg)
         try:
             store.kill(decision.target)
@@ -255,38 +530,51 @@ def settle(store: Store, cfg: EvolutionConfig) -> int:
     return kills
 
 
-def run_status(store: Store, recent_seconds: float = 300.0) -> dict:
-    """A summary of a run, live or finished. Reads records, never the test split."""
+def run_status(store: Store, now: float | None = None) -> dict:
+    """A summary of a run, live or finished. Reads records, never the test split.
+
+    `state` is "live" (a worker's heartbeat was renewed within `lifecycle.LIVE_SECONDS` and it
+    has not stopped), "finished" (no live worker, budget spent) or "idle" (no live worker,
+    budget left). Rates: children per minute over the last 10 minutes of the run (ending now
+    while live, else at the last birth; at least one minute), and overall per minute of
+    training time (pauses between sessions excluded).
+    """
+    now = time.time() if now is None else now
     cfg = from_dict(store.read_config())
     members = store.population()
-    records = store.records()
-    trained = [r for r in records if r.get("born")]
-    best = max(trained, key=lambda r: r.get("val_accuracy", 0.0), default=None)
-    now = time.time()
-    recent = [r for r in trained if now - r["born"] < 600]
-    span = (max(r["born"] for r in trained) - min(r["born"] for r in trained)) if trained else 0
-    seen = [w for w in store.workers(recent_seconds) if now - w.get("time", 0) < recent_seconds]
+    done = sorted(trained(store.records()), key=lambda r: r["born"])
+    best = max(done, key=lambda r: r.get("val_accuracy", 0.0), default=None)
+    live = [w for w in store.workers(LIVE_SECONDS) if is_live(w, now)]
+    budget = run_budget(store, cfg, done, now)
+    state = "live" if live else ("finished" if budget.spent else "idle")
+    recent_rate, overall_rate, active = 0.0, None, active_seconds(done)
+    if done:
+        end = now if live else done[-1]["born"]
+        first = done[0]["born"] - float(done[0].get("train_seconds") or 0.0)
+        recent = [r for r in done if end - 600 < r["born"] <= end]
+        recent_rate = len(recent) / (min(600.0, max(end - first, 60.0)) / 60)
+        overall_rate = len(done) / (max(active, 60.0) / 60)
     return {
         "store": store.url,
         "config": cfg.to_dict(),
+        "state": state,
+        "budget": budget.describe(cfg),
+        "budget_spent": budget.spent or None,
         "population": len(members),
         "set_point": cfg.population,
-        "individuals_trained": len(trained),
+        "individuals_trained": len(done),
         "best_id": best["id"] if best else None,
         "best_val_accuracy": best["val_accuracy"] if best else None,
-        "best_architecture": best.get("architecture") if best else None,
+        "best_architecture_detail": best.get("architecture") if best else None,
         "best_alive_val_accuracy": max((m.fitness for m in members), default=None),
-        # over the last 10 minutes, or over the run's age when it is younger than that
-        "children_per_minute_last_10min": (
-            len(recent) / min(10.0, max(now - min(r["born"] for r in trained), 60.0) / 60)
-            if trained
-            else 0.0
-        ),
-        "children_per_minute_overall": len(trained) / (span / 60) if span > 0 else None,
-        "total_flops": math.fsum(r.get("flops", 0.0) for r in trained),
-        "workers_seen_recently": len(seen),
-        "workers": seen,
-        "workers_per_device": workers_per_device(trained),
+        "children_per_minute_last_10min": recent_rate,
+        "children_per_minute_overall": overall_rate,
+        "training_minutes": active / 60,
+        "total_flops": math.fsum(r.get("flops", 0.0) for r in done),
+        "workers_live": len(live),
+        "workers_seen_recently": len(live),  # the same count (older name)
+        "workers": live,
+        "workers_per_device": workers_per_device(done),
     }
 
 

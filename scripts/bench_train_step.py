@@ -78,9 +78,10 @@ class Timed:
 def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[str, float]]:
     import jax
 
-    from evojax_nas import train as train_lib
+    from evojax_nas import programs as programs_lib
     from evojax_nas.model import init_variables
-    from evojax_nas.train import CompileCache, TrainConfig, TrainState, compile_programs
+    from evojax_nas.programs import Layout, Target, compile_programs
+    from evojax_nas.train import TrainConfig, TrainState
     from evojax_nas.train import make_optimizer as optimizer
 
     conv_impl = impl.removesuffix("-default")
@@ -88,9 +89,9 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
     t0 = time.perf_counter()
     variables = init_variables(dna, jax.random.PRNGKey(0))
     t1 = time.perf_counter()
-    options = train_lib.compiler_options if conv_impl == impl else (lambda: {})
-    with mock.patch.object(train_lib, "compiler_options", options):
-        programs = compile_programs(dna, dataset, config, CompileCache())
+    options = programs_lib.compiler_options if conv_impl == impl else (lambda *_: {})
+    with mock.patch.object(programs_lib, "compiler_options", options):
+        programs, _ = compile_programs(dna, Layout.of(dataset), config, Target.local())
     t2 = time.perf_counter()
     params = jax.device_put(variables["params"])
     stats = jax.device_put(variables["batch_stats"])
@@ -103,9 +104,13 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
     def run(steps: int) -> float:
         start = time.perf_counter()
         state = holder[0]
-        for _ in range(steps):
-            state = programs.train_step(state, x, y, perm, np.int32(counter[0]), key, lr)
-            counter[0] += 1
+        done = 0
+        while done < steps:  # as evolution runs it: `steps_per_dispatch` steps per call
+            n = min(config.steps_per_dispatch, steps - done)
+            first, count = np.int32(counter[0]), np.int32(n)
+            state = programs.train_chunk(state, x, y, perm, first, count, key, lr)
+            counter[0] += n
+            done += n
         jax.block_until_ready(state)
         holder[0] = state
         return time.perf_counter() - start

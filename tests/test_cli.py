@@ -179,31 +179,7 @@ def cli_env(extra_env, *args, timeout=300):
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_interrupting_evolve_stops_its_workers_and_keeps_the_run(tmp_path):
-    import signal
-    import time
-
-    run = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [EXE, "evolve", "--out", str(run), "--population", "3", "--steps", "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if run.exists() and len(open_store(str(run)).records()) >= 4:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)  # to the parent only, as `kill -INT` would
-    stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "stopped" in stdout and "evojax-nas worker" in stdout
-    settled = len(open_store(str(run)).records())
-    time.sleep(3)  # no orphaned worker goes on publishing
-    assert len(open_store(str(run)).records()) == settled >= 4
+# Interrupting `evolve` (signals, pipes, orphans): tests/test_lifecycle.py.
 
 
 @pytest.mark.parametrize(

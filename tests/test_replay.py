@@ -8,7 +8,6 @@ from evojax_nas.config import EvolutionConfig
 from evojax_nas.evolution import Worker, training_evaluator
 from evojax_nas.replay import replay
 from evojax_nas.store import open_store
-from evojax_nas.train import CompileCache
 from tests.test_train import random_dataset
 
 
@@ -25,7 +24,7 @@ def tiny_run(tmp_path):
     )
     store = open_store(str(tmp_path / "run"))
     store.write_config(cfg.to_dict())
-    evaluate = training_evaluator(data, cfg, CompileCache())
+    evaluate = training_evaluator(data, cfg)
     worker = Worker(store, cfg, 0, evaluate, 3, 4)
     while worker.children < 6:
         worker.step()

@@ -18,7 +18,7 @@ from evojax_nas.evolution import Worker, training_evaluator
 from evojax_nas.model import init_variables
 from evojax_nas.runner import run_status
 from evojax_nas.store import open_store
-from evojax_nas.train import CompileCache, TrainResult
+from evojax_nas.train import TrainResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = EvolutionConfig(
@@ -60,7 +60,7 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         forbid_test_split(mp)
         dataset = data.load_dataset(TINY.dataset)
-        evaluate = training_evaluator(dataset, TINY, CompileCache())
+        evaluate = training_evaluator(dataset, TINY)
         worker = Worker(store, TINY, 0, evaluate, 1, dataset.num_classes)
         while worker.children < TINY.max_children:
             worker.step()

@@ -158,6 +158,15 @@ class RetryingStore(Store):
     def gc(self, grace_seconds):
         return self._call("gc", grace_seconds)
 
+    def write_blob(self, name, data):
+        return self._call("write_blob", name, data)
+
+    def read_blob(self, name, max_bytes):
+        return self._call("read_blob", name, max_bytes)
+
+    def delete_blob(self, name):
+        return self._call("delete_blob", name)
+
 
 def retrying(store: Store, **retry_options: Any) -> Store:
     """`store`, each of whose calls waits out transient failures (see RetryingStore)."""

@@ -205,3 +205,16 @@ def publication(
     dna_bytes = dumps(dna, "dna")
     record = check_record(dict(record), ind_id, "record") | {"id": ind_id}
     return fitness, dna_bytes, dumps(record, "record")
+
+
+BLOB_DIR = "programs"  # the only top-level folder blobs may live in
+
+
+def blob_parts(name: object) -> list[str]:
+    """The path segments of a blob name `programs/<key>/<file>`; StoreError if unsafe."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) != 3 or parts[0] != BLOB_DIR:
+        raise StoreError(f"invalid blob name {name!r}: expected {BLOB_DIR}/<key>/<file>")
+    for part in parts[1:]:
+        check_id(part, "blob name segment")
+    return parts

@@ -141,3 +141,27 @@ class Store(abc.ABC):
         Returns:
             How many individuals were collected by this call. Records and DNA are kept.
         """
+
+    # Blobs: immutable files shared by the run's workers (compiled programs). Create-only, so a
+    # blob once visible never changes; a backend that cannot hold them raises NotImplementedError.
+
+    def write_blob(self, name: str, data: bytes) -> None:
+        """Creates blob `name` (`programs/<key>/<file>`) holding `data`.
+
+        Raises:
+            ConcurrencyError: the blob exists already.
+        """
+        raise NotImplementedError(f"{type(self).__name__} holds no blobs")
+
+    def read_blob(self, name: str, max_bytes: int) -> bytes:
+        """Returns blob `name`.
+
+        Raises:
+            NotFoundError: there is no such blob.
+            CorruptObjectError: it is larger than `max_bytes`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} holds no blobs")
+
+    def delete_blob(self, name: str) -> None:
+        """Deletes blob `name` if it exists (releases a claim)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no blobs")

@@ -269,6 +269,27 @@ class GCSStore(GCSRecordsMixin, Store):
         data = _validate.dumps(value, f"meta {name}")
         self._put(rel, data, generation=expected_version or 0)
 
+    # -- blobs (compiled programs shared by the run's workers) --------------------------------
+
+    def write_blob(self, name: str, data: bytes) -> None:
+        self._put("/".join(_validate.blob_parts(name)), data, generation=0)
+
+    def read_blob(self, name: str, max_bytes: int) -> bytes:
+        rel = "/".join(_validate.blob_parts(name))
+        self.requests += 1
+        blob = self._bucket.get_blob(self._key(rel), retry=DEFAULT_RETRY)
+        if blob is None:
+            raise NotFoundError(f"{self._gs(rel)} does not exist")
+        if blob.size is not None and blob.size > max_bytes:
+            raise CorruptObjectError(f"corrupt object {self._gs(rel)}: larger than {max_bytes}")
+        data = self._get(rel)
+        if len(data) > max_bytes:
+            raise CorruptObjectError(f"corrupt object {self._gs(rel)}: larger than {max_bytes}")
+        return data
+
+    def delete_blob(self, name: str) -> None:
+        self._delete("/".join(_validate.blob_parts(name)))
+
 
 def _safe_path(root: str, rel: str, what: str) -> str:
     """Maps an object name from the store to a path under `root`, refusing traversal."""

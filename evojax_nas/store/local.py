@@ -43,7 +43,7 @@ class LocalStore(Store):
     """A population store in a local (or network-mounted) directory."""
 
     def __init__(self, path: str, *, create: bool = True):
-        """Opens the store rooted at `path`, creating its directories unless `create` is False.
+        """Opens the store rooted at `path`; creates its directories unless `create` is False.
 
         Raises:
             NotFoundError: `create` is False and there is no directory at `path`.
@@ -55,11 +55,14 @@ class LocalStore(Store):
         self._last_deep_gc = 0.0
         if not create and not os.path.isdir(self.root):
             raise NotFoundError(f"no run at {self.root}: the directory does not exist")
-        for d in _DIRS:
-            if os.path.islink(self._path(d)) and d != "tmp":
-                raise StoreError(f"{self._path(d)} is a symlink; a store never follows symlinks")
-            os.makedirs(os.path.join(self.root, d), exist_ok=True)
-        self._tmp_dir()
+        if create:  # a read-only open (status, report…) of a non-run must write nothing
+            for d in _DIRS:
+                if os.path.islink(self._path(d)) and d != "tmp":
+                    raise StoreError(
+                        f"{self._path(d)} is a symlink; a store never follows symlinks"
+                    )
+                os.makedirs(os.path.join(self.root, d), exist_ok=True)
+            self._tmp_dir()
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -386,6 +389,26 @@ class LocalStore(Store):
                     _remove(path)
             except FileNotFoundError:
                 pass
+
+    # -- blobs (compiled programs shared by the run's workers) --------------------------------
+
+    def write_blob(self, name: str, data: bytes) -> None:
+        parts = _validate.blob_parts(name)
+        os.makedirs(self._path(*parts[:-1]), exist_ok=True)
+        if not self._real_dir(*parts[:-1]):
+            raise CorruptObjectError(f"{self._path(*parts[:-1])} is not a plain directory")
+        if not self._create_file(self._path(*parts), data):
+            raise ConcurrencyError(f"blob {name} already exists in {self.url}")
+
+    def read_blob(self, name: str, max_bytes: int) -> bytes:
+        self.requests += 1
+        return read_regular(self.root, tuple(_validate.blob_parts(name)), max_bytes)
+
+    def delete_blob(self, name: str) -> None:
+        parts = _validate.blob_parts(name)
+        self.requests += 1
+        if self._real_dir(*parts[:-1]):
+            _unlink(self._path(*parts))
 
 
 def _unlink(path: str) -> None:

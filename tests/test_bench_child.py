@@ -1,0 +1,46 @@
+"""scripts/bench_child.py in its tiny mode, so that the benchmark cannot rot."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_child.py"
+
+
+def _run(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_cpu_breakdown_and_a_second_worker_that_compiles_nothing():
+    out = _run()
+    (run,) = out["runs"]
+    assert run["children"] == 4
+    assert run["programs"].get("compiled", 0) == run["distinct_architectures"]
+    assert sum(run["programs"].values()) == 4
+    assert {"select", "mutate", "compile", "train", "eval", "publish"} <= set(run["phases_seconds"])
+    assert 0 < run["non_training_share"] < 1
+    assert run["non_training_share_at_paper_steps"] < run["non_training_share"]
+    assert run["program_bytes"] > 0
+    second = out["second_worker"]
+    assert second["architectures"] == run["distinct_architectures"]
+    assert second["sources"] == {"shared": second["architectures"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_tpu_mode_compiles_a_mutation_chain_without_hardware():
+    out = _run("--platform", "tpu")
+    assert "v4" in out["device_kind"].lower()
+    compiled = [r for r in out["chain"] if not r.get("reused")]
+    assert compiled and all(r["flops_train_step"] > 0 for r in compiled)
+    assert all(r["seconds"]["compile"] > 0 for r in compiled)

@@ -1,0 +1,167 @@
+"""`evolve` owns its workers: through the real entry point, with real signals and pipes.
+
+Each test runs a tiny run (digits8x8, population 3, 5 steps per child) and kills whatever it
+started, by PID, in a `finally`.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from evojax_nas.store import open_store
+
+EXE = os.path.join(os.path.dirname(sys.executable), "evojax-nas")
+TINY = ["--population", "3", "--workers", "2", "--steps", "5", "--dataset", "digits8x8"]
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        cur = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == cur]
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_until(cond, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.3)
+    return cond()
+
+
+def _records(run) -> int:
+    try:
+        return len(open_store(str(run), create=False).records())
+    except Exception:
+        return 0
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """Starts `evojax-nas ARGS…`; kills it and every process it started at the end."""
+    started = []
+
+    def start(*args, ignore_sigint=False, **kw):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+        def pre():
+            if ignore_sigint:  # what `nohup … &` in a script gives the job
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        proc = subprocess.Popen(
+            [EXE, *args], env=env, cwd=tmp_path, preexec_fn=pre, text=True, **kw
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        for pid in [*_children(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+
+
+def test_kill_int_of_a_background_evolve_stops_everything_and_keeps_the_set_point(launch, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(
+        "evolve", "--out", str(run), *TINY, "--max-children", "500",
+        ignore_sigint=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert _wait_until(lambda: _records(run) >= 5, 240), proc.stderr.read() if proc.poll() else ""
+    workers = _children(proc.pid)
+    assert workers
+    proc.send_signal(signal.SIGINT)  # `kill -INT PID`, to the parent only
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "stopped" in stdout and "worker" in stdout and "Traceback" not in stderr
+    assert _wait_until(lambda: not [p for p in workers if _alive(p)], 5)
+    store = open_store(str(run), create=False)
+    assert len(store.population()) == 3  # the interrupted child did not leave a hole
+    settled = len(store.records())
+    time.sleep(2)  # no orphan goes on publishing
+    assert len(store.records()) == settled
+
+
+def test_sigterm_to_evolve_leaves_no_process_behind(launch, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(
+        "evolve", "--out", str(run), *TINY, "--max-children", "500",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert _wait_until(lambda: _records(run) >= 2, 240)
+    tree = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert _wait_until(lambda: not [p for p in tree if _alive(p)], 5)
+
+
+def test_workers_of_a_killed_evolve_stop_by_themselves(launch, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(
+        "evolve", "--out", str(run), *TINY, "--max-children", "500",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert _wait_until(lambda: _records(run) >= 1, 240)
+    workers = _children(proc.pid)
+    proc.kill()  # SIGKILL: the parent cannot stop anyone
+    proc.wait(timeout=10)
+    assert _wait_until(lambda: not [p for p in workers if _alive(p)], 20)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    run = tmp_path / "run"
+    cmd = f"{EXE} evolve --out {run} {' '.join(TINY)} --max-children 500 | head -1"
+    out = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=240
+    )
+    assert out.stdout.startswith("run ") and len(out.stdout.splitlines()) == 1
+    assert out.returncode == 141, out.stderr  # like any command whose reader left
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_a_worker_that_dies_is_restarted(launch, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(
+        "evolve", "--out", str(run), *TINY, "--max-children", "14",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert _wait_until(lambda: _records(run) >= 3, 240)
+    victim = _children(proc.pid)
+    victim = [p for p in victim if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()][0]
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    assert "died (signal 9); restarted as worker" in stdout
+    assert "done: 14 children" in stdout
