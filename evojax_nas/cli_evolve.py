@@ -11,6 +11,7 @@ from evojax_nas.cli_train import DATASET_HELP, positive_int
 from evojax_nas.config import SELECTIONS, load_config, with_overrides
 from evojax_nas.devices import workers_arg
 from evojax_nas.errors import EvojaxNasError
+from evojax_nas.stall import summary_lines as stall_lines
 
 DEFAULT_OUT = "runs/evolve-{time}"
 
@@ -279,7 +280,7 @@ def status_lines(status: dict) -> list[str]:
     )
     per_device = ", ".join(f"{n} on {d}" for d, n in status["workers_per_device"].items())
     lines.append(f"workers/device    {per_device or 'none yet'}")
-    return lines
+    return lines + stall_lines(status.get("stall"))
 
 
 def run_replay(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from evojax_nas.cli_common import STORE_HELP
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError
+from evojax_nas.stall import summary_lines as stall_lines
 from evojax_nas.store import Store
 
 CONTROL = "control"  # the same name as evolution.CONTROL (not imported: that pulls in JAX)
@@ -213,5 +214,6 @@ def report_lines(s: dict[str, Any]) -> list[str]:
             f"figure 2          {len(s['progress_missing'])} point(s) not measured: weights "
             f"garbage-collected before any report ({', '.join(s['progress_missing'])})"
         )
+    lines += stall_lines(s.get("stall"))
     lines += [f"wrote             {p}" for p in s.get("outputs", {}).values()]
     return lines

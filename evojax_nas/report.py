@@ -20,7 +20,7 @@ import numpy as np
 
 from evojax_nas import data as data_lib
 from evojax_nas import dna as dna_lib
-from evojax_nas import export
+from evojax_nas import export, stall
 from evojax_nas.config import from_dict
 from evojax_nas.errors import CheckpointError, ConcurrencyError, EvojaxNasError, NotFoundError
 from evojax_nas.store import Store
@@ -281,9 +281,18 @@ def run_summary(store: Store, k: int = 1) -> dict[str, Any]:
         "progress": series,
         "progress_missing": [p["id"] for p in series if p["test_accuracy"] is None],
         "test_split": TEST_NOTE,
+        "stall": stall_diagnosis(store, records, evaluator.cfg),
     }
     cache.save()
     return summary
+
+
+def stall_diagnosis(store: Store, records: Sequence[dict], cfg) -> dict[str, Any]:
+    """`stall.diagnose` of the trained records, its advice naming this run (a JSON dict)."""
+    from evojax_nas.cli_common import command
+
+    d = stall.diagnose(records, cfg.population, run=store.url, steps=cfg.steps, command=command())
+    return d.to_dict()
 
 
 def output_dir(store: Store, out_dir: str | None) -> str:

@@ -542,7 +542,8 @@ def run_status(store: Store, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     cfg = from_dict(store.read_config())
     members = store.population()
-    done = sorted(trained(store.records()), key=lambda r: r["born"])
+    records = store.records()
+    done = sorted(trained(records), key=lambda r: r["born"])
     best = max(done, key=lambda r: r.get("val_accuracy", 0.0), default=None)
     live = [w for w in store.workers(LIVE_SECONDS) if is_live(w, now)]
     budget = run_budget(store, cfg, done, now)
@@ -575,7 +576,16 @@ def run_status(store: Store, now: float | None = None) -> dict:
         "workers_seen_recently": len(live),  # the same count (older name)
         "workers": live,
         "workers_per_device": workers_per_device(done),
+        "stall": stall_diagnosis(records, cfg, store.url, now if live else None),
     }
+
+
+def stall_diagnosis(records: list[dict], cfg: EvolutionConfig, run: str, now=None) -> dict:
+    """`stall.diagnose` of a run's records, with the advice naming this run (a JSON dict)."""
+    from evojax_nas import stall
+
+    d = stall.diagnose(records, cfg.population, now, run=run, steps=cfg.steps, command=command())
+    return d.to_dict()
 
 
 def workers_per_device(records: list[dict]) -> dict[str, int]:
