@@ -130,7 +130,7 @@ class Layout:
 class Programs(NamedTuple):
     """The compiled programs of one architecture on one data layout and target."""
 
-    train_chunk: Callable  # (state, x, y, perm, first, n, key, lr) -> state
+    train_chunk: Callable  # (state, batches x, batches y, n, lr) -> state
     eval_batch: Callable  # (params, batch_stats, x, y, mask) -> number correct
     flops_train_step: float  # Ft, from XLA's cost analysis (a loop body counts once)
     flops_eval_batch: float  # Fv
@@ -149,6 +149,7 @@ def program_key(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target) -> s
         architecture_key(dna),
         dataclasses.astuple(layout),
         [cfg.batch_size, cfg.eval_batch_size, cfg.momentum, cfg.weight_decay],
+        chunk_length(layout, cfg),
         resolve_impl(cfg.conv_impl, platform),
         sorted(compiler_options(platform).items()),
         platform,
@@ -157,6 +158,11 @@ def program_key(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target) -> s
         jaxlib_version,
     ]
     return hashlib.sha256(json.dumps(canon, default=list).encode()).hexdigest()[:24]
+
+
+def chunk_length(layout: Layout, cfg: TrainConfig) -> int:
+    """Training steps per compiled call: `steps_per_dispatch`, at most one epoch."""
+    return max(1, min(cfg.steps_per_dispatch, layout.train_shape[0] // cfg.batch_size))
 
 
 def abstract_args(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target):
@@ -175,16 +181,12 @@ def abstract_args(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target):
     opt = jax.eval_shape(make_optimizer(cfg).init, params)
     opt = jax.tree_util.tree_map(lambda a: sds(a.shape, a.dtype), opt)
     state = TrainState(params, stats, opt, sds((), jnp.bool_))
-    n = layout.train_shape[0]
-    i32, key = sds((), jnp.int32), sds((2,), jnp.uint32)
+    k, b, image = chunk_length(layout, cfg), cfg.batch_size, layout.train_shape[1:]
     train = (
         state,
-        sds(layout.train_shape, layout.dtype),
-        sds((n,), jnp.int32),
-        sds((n,), jnp.int32),
-        i32,
-        i32,
-        key,
+        sds((k, b, *image), jnp.float32),  # prepared batches (`steps.make_batches`)
+        sds((k, b), jnp.int32),
+        sds((), jnp.int32),
         sds((), jnp.float32),
     )
     eb = cfg.eval_batch_size
@@ -212,7 +214,7 @@ def compile_programs(
     """Traces, lowers and compiles the programs; returns them and the `Compiled` objects."""
     impl = resolve_impl(cfg.conv_impl, target.platform)
     model = DNANet(dna, conv_impl=impl)
-    step = make_train_step(model, make_optimizer(cfg), layout.meta, cfg.batch_size)
+    step = make_train_step(model, make_optimizer(cfg))
     opts = compiler_options(target.platform)
     train_args, eval_args = abstract_args(dna, layout, cfg, target)
     seconds = collections.Counter()

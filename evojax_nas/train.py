@@ -21,10 +21,11 @@ import numpy as np
 from evojax_nas.dna import DNA
 from evojax_nas.errors import DataError
 from evojax_nas.model import Variables, count_params
-from evojax_nas.programs import Layout, ProgramCache, Programs
+from evojax_nas.programs import Layout, ProgramCache, Programs, chunk_length
 from evojax_nas.steps import (  # noqa: F401  (re-exported: the training API lives here)
     TrainConfig,
     TrainState,
+    make_batches,
     make_eval_step,
     make_optimizer,
     make_predict,
@@ -112,6 +113,12 @@ def _permutation(key: jax.Array, n: int) -> jax.Array:
     return jax.random.permutation(key, n).astype(jnp.int32)
 
 
+@functools.cache
+def input_pipeline(layout: Layout, batch_size: int, count: int):
+    """The compiled `steps.make_batches` of a dataset: one per worker process, every child."""
+    return jax.jit(make_batches(layout.meta, batch_size, count))
+
+
 def run_training(
     programs: Programs,
     variables: Variables,
@@ -134,14 +141,15 @@ def run_training(
     state = TrainState(params, stats, make_optimizer(config).init(params), jnp.asarray(False))
     shuffle_key, aug_key = jax.random.split(key)
     per_epoch = n_train // config.batch_size
+    k = chunk_length(data.layout, config)
+    batches = input_pipeline(data.layout, config.batch_size, k)
     lr, step = np.float32(learning_rate), 0
     while step < config.steps:
         if step % per_epoch == 0:
             perm = _permutation(jax.random.fold_in(shuffle_key, step // per_epoch), n_train)
-        n = min(config.steps_per_dispatch, per_epoch - step % per_epoch, config.steps - step)
-        state = programs.train_chunk(
-            state, data.x_train, data.y_train, perm, np.int32(step), np.int32(n), aug_key, lr
-        )
+        n = min(k, per_epoch - step % per_epoch, config.steps - step)
+        xb, yb = batches(data.x_train, data.y_train, perm, np.int32(step), aug_key)
+        state = programs.train_chunk(state, xb, yb, np.int32(n), lr)
         step += n
         if bool(state.bad):
             return state, step, True

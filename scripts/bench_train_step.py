@@ -80,18 +80,24 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
 
     from evojax_nas import programs as programs_lib
     from evojax_nas.model import init_variables
-    from evojax_nas.programs import Layout, Target, compile_programs
-    from evojax_nas.train import TrainConfig, TrainState
+    from evojax_nas.programs import Layout, Target, chunk_length, compile_programs
+    from evojax_nas.train import TrainConfig, TrainState, input_pipeline
     from evojax_nas.train import make_optimizer as optimizer
 
     conv_impl = impl.removesuffix("-default")
-    config = TrainConfig(steps=steps_hint, batch_size=50, conv_impl=conv_impl)
+    per_call = max(1, min(100, steps_hint))  # chunks as long as the timed runs: no waste
+    config = TrainConfig(
+        steps=steps_hint, batch_size=50, conv_impl=conv_impl, steps_per_dispatch=per_call
+    )
     t0 = time.perf_counter()
     variables = init_variables(dna, jax.random.PRNGKey(0))
     t1 = time.perf_counter()
     options = programs_lib.compiler_options if conv_impl == impl else (lambda *_: {})
     with mock.patch.object(programs_lib, "compiler_options", options):
-        programs, _ = compile_programs(dna, Layout.of(dataset), config, Target.local())
+        layout = Layout.of(dataset)
+        programs, _ = compile_programs(dna, layout, config, Target.local())
+    k = chunk_length(layout, config)
+    batches = input_pipeline(layout, config.batch_size, k)
     t2 = time.perf_counter()
     params = jax.device_put(variables["params"])
     stats = jax.device_put(variables["batch_stats"])
@@ -105,10 +111,10 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
         start = time.perf_counter()
         state = holder[0]
         done = 0
-        while done < steps:  # as evolution runs it: `steps_per_dispatch` steps per call
-            n = min(config.steps_per_dispatch, steps - done)
-            first, count = np.int32(counter[0]), np.int32(n)
-            state = programs.train_chunk(state, x, y, perm, first, count, key, lr)
+        while done < steps:  # as evolution runs it: a chunk of prepared batches per call
+            n = min(k, steps - done)
+            xb, yb = batches(x, y, perm, np.int32(counter[0]), key)
+            state = programs.train_chunk(state, xb, yb, np.int32(n), lr)
             counter[0] += n
             done += n
         jax.block_until_ready(state)

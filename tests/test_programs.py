@@ -205,7 +205,7 @@ def test_compile_targets_follow_the_target_platform_not_the_default_backend():
     layout = Layout.of(tiny_dataset())
     fake_tpu = Target("tpu", "TPU v4")
     train_args, _ = abstract_args(one_conv(), layout, CONFIG, fake_tpu)
-    assert train_args[1].shape == (60, 8, 8, 1)
+    assert train_args[1].shape == (2, 20, 8, 8, 1)  # a chunk of prepared batches
     from evojax_nas.programs import program_key
 
     cpu = Target("cpu", "cpu")
