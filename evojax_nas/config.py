@@ -48,7 +48,7 @@ class EvolutionConfig:
     # each worker process for itself ("worker"): see evojax_nas/programs.py.
     compile_cache: str = "store"
     # Compile the next child's programs while the current child trains: true, false, or null
-    # for automatic (on where the worker has an accelerator or a spare CPU core).
+    # for automatic (on where the worker has an accelerator; off on a CPU).
     background_compile: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -509,14 +508,14 @@ def program_cache(store: Store | None, cfg: EvolutionConfig) -> ProgramCache:
 def background_compile(cfg: EvolutionConfig, platform: str | None = None) -> bool:
     """Whether workers compile the next child's programs while the current one trains.
 
-    Automatic (config null): on an accelerator always (the host's CPUs are idle while the chip
-    trains); on CPU when the machine has more cores than the run's local workers, so that
-    compiling does not take a core from another worker's training.
+    Automatic (config null): on an accelerator (the host's CPUs are idle while the chip
+    trains), off on a CPU, where training already uses every core: measured with one worker on
+    2 cores (`scripts/bench_child.py --lookahead both`), compiling in the background slowed
+    training more than it hid compiles.
     """
     if cfg.background_compile is not None:
         return cfg.background_compile
-    platform = platform or jax.default_backend()
-    return platform != "cpu" or (os.cpu_count() or 1) > cfg.workers
+    return (platform or jax.default_backend()) != "cpu"
 
 
 def training_evaluator(

@@ -192,7 +192,9 @@ def cpu_main(args) -> dict:
                     for k in ("children", "steps", "population", "dataset", "seed")
                 ]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                out["runs"] += json.loads(res.stdout)["runs"]
+                sub = json.loads(res.stdout)
+                out["runs"] += sub["runs"]
+                out["second_worker"] = sub.get("second_worker")
                 continue
             out["runs"].append(run_worker_bench(args, root, lookahead))
             res = subprocess.run(
