@@ -25,4 +25,4 @@ if [ -n "${DATA_ARCHIVE:-}" ]; then
   run_gcloud compute tpus tpu-vm scp "$DATA_ARCHIVE" "$TPU_NAME":~/evojax_nas/data/ \
     --zone "$ZONE" --worker=all
 fi
-ssh_hosts "cd ~/evojax_nas && python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[cifar]' 'jax[tpu]' && .venv/bin/evojax-nas --help > /dev/null && ls /dev/accel* /dev/vfio 2> /dev/null | head -n 16"
+ssh_hosts "cd ~/evojax_nas && python3 -m venv .venv && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[cifar,tpu]' && .venv/bin/evojax-nas --help > /dev/null && ls /dev/accel* /dev/vfio 2> /dev/null | head -n 16"
