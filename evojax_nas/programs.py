@@ -290,6 +290,17 @@ def deserialize(payload: bytes, args: tuple, out_tree, target: Target):
     )
 
 
+def persistent_cache_active() -> bool:
+    """Whether JAX's persistent compilation cache is (or was) on in this process.
+
+    Turning the option off again does not stop a cache JAX already opened, so ask JAX too.
+    """
+    from jax._src import compilation_cache
+
+    opened = getattr(compilation_cache, "_cache", None) is not None
+    return bool(jax.config.jax_compilation_cache_dir) or opened
+
+
 class SharedPrograms:
     """Compiled programs in a run's store: `programs/<key>/{train,eval}.xla` and `meta.json`.
 
@@ -331,7 +342,7 @@ class SharedPrograms:
 
     def save(self, programs: Programs, compiled: tuple[Any, Any]) -> bool:
         """Shares the programs; False if they could not be (the caller releases its claim)."""
-        if jax.config.jax_compilation_cache_dir:
+        if persistent_cache_active():
             # An executable that JAX's persistent cache handed back serializes incompletely on
             # XLA:CPU (jaxlib 0.10.2: "Function ... not found" in the process that loads it),
             # and JAX does not say which ones came from there: share nothing then.

@@ -245,6 +245,9 @@ def test_nothing_is_shared_from_a_process_with_jax_persistent_cache(tmp_path, da
         cache = ProgramCache(shared=SharedPrograms(store))
         assert _train(D.initial_dna(1, 3, 0.2), data, cache).programs == "compiled"
     finally:
+        from jax._src import compilation_cache
+
         jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()  # later tests of this process share programs again
     (key,) = os.listdir(tmp_path / "run" / "programs")
     assert os.listdir(tmp_path / "run" / "programs" / key) == []
