@@ -2,23 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
-import sys
+from evojax_nas.hints import command  # noqa: F401  (re-exported for the commands)
 
 STORE_HELP = "the run's store: its directory, or gs://bucket/prefix"
-
-
-@functools.cache
-def command() -> str:
-    """How to call `evojax-nas` again from the user's shell, as printed in hints.
-
-    Bare `evojax-nas` when it is on PATH (an activated venv, a global install), else its path
-    (e.g. `.venv/bin/evojax-nas`), so that a printed hint works when pasted as printed.
-    """
-    exe = os.path.join(os.path.dirname(sys.executable), "evojax-nas")
-    if shutil.which("evojax-nas") or not os.path.exists(exe):
-        return "evojax-nas"
-    rel = os.path.relpath(exe)
-    return exe if rel.startswith("..") else rel

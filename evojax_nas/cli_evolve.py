@@ -161,13 +161,12 @@ def run_evolve(args: argparse.Namespace) -> int:
 
 
 def _say_stopped(out: str) -> None:
-    from evojax_nas.config import from_dict
+    from evojax_nas.app import open_run
     from evojax_nas.runner import run_budget
-    from evojax_nas.store import open_store
 
     try:
-        store = open_store(out, create=False)
-        cfg = from_dict(store.read_config())
+        run = open_run(out)
+        store, cfg = run.store, run.cfg
         budget = run_budget(store, cfg)
         members = len(store.population())
         more = (
@@ -185,14 +184,14 @@ def _say_stopped(out: str) -> None:
 
 
 def run_join(args: argparse.Namespace) -> int:
-    from evojax_nas.config import from_dict
+    from evojax_nas.app import open_run
     from evojax_nas.devices import apply, describe_plan, plan, run_worker_processes
     from evojax_nas.lifecycle import GracefulStop, interrupts_end_the_process
-    from evojax_nas.runner import Progress, claim_worker_id, run_budget, worker_main
-    from evojax_nas.store import open_store
+    from evojax_nas.progress import Progress
+    from evojax_nas.runner import claim_worker_id, run_budget, worker_main
 
-    store = open_store(args.store, create=False)
-    cfg = from_dict(store.read_config())
+    run = open_run(args.store)
+    store, cfg = run.store, run.cfg
     budget = run_budget(store, cfg)
     if budget.spent:
         print(f"run {args.store} is finished ({budget.spent}): nothing to do")
@@ -284,29 +283,25 @@ def status_lines(status: dict) -> list[str]:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from evojax_nas.config import from_dict
-    from evojax_nas.data import load_dataset
+    from evojax_nas.app import open_run
     from evojax_nas.errors import EvojaxNasError
-    from evojax_nas.evolution import program_cache, training_evaluator
     from evojax_nas.replay import MISMATCH, NOT_CHECKABLE, lineage, replay_many
-    from evojax_nas.store import open_store
 
     if sum([bool(args.id), args.all, bool(args.lineage)]) != 1:
         raise EvojaxNasError("replay needs exactly one of: an ID, --all, --lineage ID")
-    store = open_store(args.store, create=False)
-    cfg = from_dict(store.read_config())
+    run = open_run(args.store)
     if args.all:
-        ids = [r["id"] for r in store.records()]
+        ids = [r["id"] for r in run.store.records()]
     else:
-        ids = lineage(store, args.lineage) if args.lineage else [args.id]
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
-    evaluate = training_evaluator(data, cfg, program_cache(store, cfg))
+        ids = lineage(run.store, args.lineage) if args.lineage else [args.id]
+    task = run.task
+    evaluate = task.evaluator()
 
     def show(v: dict) -> None:
         if not args.json:
             print(f"{v['id']:<24} {v['verdict']}: {v['detail']}", flush=True)
 
-    out = replay_many(store, ids, evaluate, data.image_shape[-1], data.num_classes, show)
+    out = replay_many(run.store, ids, evaluate, task.input_channels, task.num_classes, show)
     bad = [v["id"] for v in out if v["verdict"] == MISMATCH]
     unchecked = [v["id"] for v in out if v["verdict"] == NOT_CHECKABLE]
     if args.json:

@@ -15,24 +15,18 @@ from typing import Any
 from evojax_nas.cli_common import STORE_HELP
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError
 from evojax_nas.stall import summary_lines as stall_lines
+from evojax_nas.state import CONTROL, HISTORY, MAX_MUTATIONS
 from evojax_nas.store import Store
 
-CONTROL = "control"  # the same name as evolution.CONTROL (not imported: that pulls in JAX)
-MAX_MUTATIONS = 100  # the same bound as evolution.MAX_MUTATIONS: workers ignore a bigger value
-HISTORY = "history"
 
-
-def _update_meta(store: Store, name: str, change, attempts: int = 20) -> dict:
-    """Read-modify-write of a meta file with compare-and-swap, retried on a lost race."""
-    for _ in range(attempts):
-        value, version = store.read_meta(name)
-        new = change(dict(value or {}))
-        try:
-            store.write_meta(name, new, expected_version=version)
-            return new
-        except ConcurrencyError:
-            time.sleep(0.05)
-    raise EvojaxNasError(f"could not update {name} of {store.url}: too many concurrent writers")
+def _update_meta(store: Store, name: str, change) -> dict:
+    """Read-modify-write of a meta file (compare-and-swap), as a user error when it fails."""
+    try:
+        return store.update_meta(name, lambda v: change(dict(v or {})), pause=0.05)
+    except ConcurrencyError:
+        raise EvojaxNasError(
+            f"could not update {name} of {store.url}: too many concurrent writers"
+        ) from None
 
 
 def adjust(
@@ -152,7 +146,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from evojax_nas.plots import compare
+    from evojax_nas.compare import compare
 
     result = compare(args.stores, labels=args.labels, out=args.out)
     if args.json:
@@ -166,7 +160,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from evojax_nas.export import export_run
+    from evojax_nas.report import export_run
     from evojax_nas.store import open_store
 
     path = export_run(open_store(args.store, create=False), args.out, k=args.ensemble)

@@ -42,3 +42,7 @@ class NotFoundError(StoreError):
 
 class CheckpointError(EvojaxNasError):
     """A weight checkpoint is missing, corrupt, or does not match its DNA."""
+
+
+class ReportError(EvojaxNasError):
+    """A run cannot be reported on or compared (no individuals, bad arguments)."""

@@ -31,24 +31,16 @@ from evojax_nas.errors import (
     NotFoundError,
     StoreError,
 )
-from evojax_nas.model import flatten, init_variables, variable_shapes
-from evojax_nas.mutations import MutationError, mutate
+from evojax_nas.keys import INIT, MUTATE, SELECT, TRAIN, event_key, for_purpose, key_to_json  # noqa: F401
+from evojax_nas.model import flatten, variable_shapes
+from evojax_nas.mutations import MutationError
 from evojax_nas.programs import ProgramCache, SharedPrograms
+from evojax_nas.recipe import INITIAL_MUTATION, make_child, make_initial, plan_child
+from evojax_nas.state import CONTROL, MAX_MUTATIONS, SEEDED, Control, Record  # noqa: F401
 from evojax_nas.store import Member, Store
 from evojax_nas.train import DeviceData, TrainConfig, TrainResult, train_and_evaluate
 
 log = logging.getLogger(__name__)
-
-# Purposes folded into an event's key, so that each kind of random choice has its own stream.
-SELECT, MUTATE, INIT, TRAIN = 0, 1, 2, 3
-MAX_MUTATIONS = 100  # the most mutations per child `adjust` accepts
-CONTROL = "control"  # meta file that `adjust` writes and workers read each step
-SEEDED = "seeded"  # meta file: the initial population has been created
-
-
-def event_key(seed: int, worker_id: int, event: int) -> jax.Array:
-    """The key of one worker event: derived from the run seed, the worker, the event count."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), worker_id), event)
 
 
 def child_id(worker_id: int, event: int) -> str:
@@ -74,7 +66,7 @@ class Decision:
 
 
 def _uniforms(key: jax.Array, n: int) -> np.ndarray:
-    return np.asarray(jax.random.uniform(jax.random.fold_in(key, SELECT), (n,)))
+    return np.asarray(jax.random.uniform(for_purpose(key, SELECT), (n,)))
 
 
 def _pick_distinct(u: Sequence[float], n: int, k: int) -> list[int]:
@@ -172,21 +164,7 @@ def check_variables(dna: dna_lib.DNA, variables: Any, ind_id: str) -> None:
 
 def parse_control(value: Any) -> dict:
     """The well-typed fields of the `control` meta file; wrong-typed ones are ignored, logged."""
-    if not isinstance(value, dict):
-        if value is not None:
-            log.warning("ignoring meta/%s: not a JSON object", CONTROL)
-        return {}
-    out = {}
-    for name, ok in (
-        ("mutations_per_child", lambda v: type(v) is int and 1 <= v <= MAX_MUTATIONS),
-        ("mutations_until", lambda v: type(v) in (int, float)),
-        ("reset_at", lambda v: type(v) in (int, float)),
-    ):
-        if name in value and ok(value[name]):
-            out[name] = value[name]
-        elif name in value:
-            log.warning("ignoring meta/%s field %s=%r: wrong type", CONTROL, name, value[name])
-    return out
+    return Control.from_json(value).to_json()
 
 
 @dataclasses.dataclass
@@ -283,7 +261,7 @@ class Worker:
 
     def _first_half(self, ev: _Event) -> Pending:
         t0 = time.perf_counter()
-        control = parse_control(self.store.read_meta(CONTROL)[0])
+        control = Control.from_json(self.store.read_meta(CONTROL)[0])
         ev.members = self.store.population()
         ev.decision = decide(ev.members, ev.key, self.cfg, self._seeded(len(ev.members)))
         d = ev.decision
@@ -365,85 +343,64 @@ class Worker:
 
     def _initial(self, ev: _Event) -> Pending:
         t0 = time.perf_counter()
-        dna = dna_lib.initial_dna(
-            self.input_channels, self.num_classes, self.cfg.initial_learning_rate
+        dna, params = make_initial(
+            ev.key, self.input_channels, self.num_classes, self.cfg.initial_learning_rate
         )
-        params = init_variables(dna, jax.random.fold_in(ev.key, INIT))
         return Pending(
             ev,
             f"init-{self.worker_id:03d}-{ev.number:06d}",
             dna,
             params,
-            mutation={"names": [], "touched": [], "reinitialised": ["*"]},
+            mutation=dict(INITIAL_MUTATION),
             timings={"mutate": time.perf_counter() - t0},
         )
 
-    def _child(self, ev: _Event, control: dict, parent_birth: float) -> Pending:
+    def _child(self, ev: _Event, control: Control, parent_birth: float) -> Pending:
         t0 = time.perf_counter()
         parent_id = ev.decision.parent
         parent, params = load_parent(self.store, parent_id, self.input_channels, self.num_classes)
         t1 = time.perf_counter()
-        weights, count = self.cfg.mutation_weights, self.cfg.mutations_per_child
-        if control.get("mutations_per_child") and time.time() < control.get(
-            "mutations_until", math.inf
-        ):
-            count = control["mutations_per_child"]  # a period of higher mutation rate
-        # A population-wide weight reset: an individual born before it is replaced, once, by
-        # the same architecture retrained from fresh weights (paper §5, supplementary S3).
-        replace = bool(control.get("reset_at")) and parent_birth < control["reset_at"]
-        if replace:
-            weights, count = {"reset_weights": 1.0}, 1
-        inherit = self.cfg.inheritance
-        child, child_params, report = mutate(
-            parent,
-            params,
-            jax.random.fold_in(ev.key, MUTATE),
-            weights=weights,
-            count=count,
-            inherit=inherit,
-        )
-        mutation = {
-            **report.to_dict(),
-            "count": count,
-            "inherit": inherit,
-            "weights": weights,
-            "replaces_parent": replace,
-        }
+        plan = plan_child(self.cfg, control, parent_birth, now=time.time())
+        child, child_params, mutation = make_child(ev.key, parent, params, plan)
         timings = {"load_parent": t1 - t0, "mutate": time.perf_counter() - t1}
         return Pending(
-            ev, child_id(self.worker_id, ev.number), child, child_params, mutation, replace, timings
+            ev,
+            child_id(self.worker_id, ev.number),
+            child,
+            child_params,
+            mutation,
+            plan.replaces_parent,
+            timings,
         )
 
     def _train_and_publish(self, p: Pending) -> dict:
         key = p.ev.key
         start = time.time()
-        result = self.evaluate(p.dna, p.params, jax.random.fold_in(key, TRAIN))
-        record = {
-            "id": p.ind_id,
-            "parent": p.parent,
-            "mutation": p.mutation,
-            "worker": self.worker_id,
-            "event": p.ev.number,
-            "key": [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
-            if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-            else [int(x) for x in np.asarray(key).ravel()],
-            "seed": self.cfg.seed,
-            "learning_rate": p.dna.learning_rate,
-            "architecture": dna_lib.describe(p.dna),
-            "architecture_key": dna_lib.architecture_key(p.dna),
-            "val_accuracy": result.val_accuracy,
-            "diverged": result.diverged,
-            "steps": result.steps_run,
-            "flops": result.flops,
-            "flops_train_step": result.flops_train_step,
-            "flops_eval_batch": result.flops_eval_batch,
-            "params": result.param_count,
-            "train_seconds": time.time() - start,
-            "programs": result.programs,  # memory, shared (the run's store) or compiled
-            "timings": {**p.timings, **result.timings},
-            "device": device_info(),  # platform and device kind that trained it
-            "born": time.time(),
-        }
+        result = self.evaluate(p.dna, p.params, for_purpose(key, TRAIN))
+        record = Record(
+            id=p.ind_id,
+            parent=p.parent,
+            mutation=p.mutation,
+            worker=self.worker_id,
+            event=p.ev.number,
+            key=tuple(key_to_json(key)),
+            seed=self.cfg.seed,
+            learning_rate=p.dna.learning_rate,
+            architecture=dna_lib.describe(p.dna),
+            architecture_key=dna_lib.architecture_key(p.dna),
+            val_accuracy=result.val_accuracy,
+            diverged=result.diverged,
+            steps=result.steps_run,
+            flops=result.flops,
+            flops_train_step=result.flops_train_step,
+            flops_eval_batch=result.flops_eval_batch,
+            params=result.param_count,
+            train_seconds=time.time() - start,
+            programs=result.programs,  # memory, shared (the run's store) or compiled
+            timings={**p.timings, **result.timings},
+            device=device_info(),  # platform and device kind that trained it
+            born=time.time(),
+        ).to_json()
         self.store.publish(
             p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, result.variables
         )

@@ -218,32 +218,3 @@ def load_model(path: str) -> Callable[[np.ndarray], np.ndarray]:
         return probs[0] if len(probs) == 1 else ensemble_probabilities(probs)
 
     return predict
-
-
-def export_run(store: Any, out_dir: str, k: int = 1) -> str:
-    """Exports the best individual by validation (k=1) or the top-k majority-vote ensemble.
-
-    Args:
-        store: the run's store.
-        out_dir: a new (or empty) directory.
-        k: number of members, best validation first, among individuals with stored weights.
-
-    Returns:
-        The path of the written model.json.
-    """
-    from evojax_nas import report
-
-    summary = report.run_summary(store, k)
-    evaluator = report.TestEvaluator(store)
-    records = {r["id"]: r for r in report.trained_records(store)}
-    members = []
-    for ind_id in summary["ensemble_ids"]:
-        found = evaluator.member(ind_id)
-        if found is not None:
-            members.append((records[ind_id], *found))
-    extra = {
-        "source": store.url,
-        "test_accuracy": summary["ensemble_test_accuracy"],
-        "selected_by": "validation accuracy (top-k among individuals with stored weights)",
-    }
-    return write_model(out_dir, members, evaluator.meta, extra)

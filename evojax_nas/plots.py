@@ -1,25 +1,23 @@
-"""The paper's figures as PNGs (matplotlib, Agg backend), and `compare` of several runs.
+"""The paper's figures as PNGs (matplotlib's Agg canvas; no pyplot, no global state).
+
+Drawing only: everything drawn is passed in (records, diagrams, history); nothing is read here.
 
 - Figure 1: every individual as a dot (wall time vs validation accuracy), alive ones
   highlighted, the best's ancestry traced and some ancestors' architectures listed, and the
   run's `adjust` events (mutation-rate periods, weight resets) as vertical lines.
 - Figure 2: test accuracy of the best-by-validation individual over wall time.
 - Compare: Figure-2 curves of several runs grouped (e.g. five seeds of evolution, the random
-  search and no-inheritance controls) with mean ± 2σ bands, and a table of final results.
+  search and no-inheritance controls) with mean ± 2σ bands (`evojax_nas.compare` measures).
 """
 
 from __future__ import annotations
 
-import math
 import textwrap
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from evojax_nas import dna as dna_lib
-from evojax_nas import report
-from evojax_nas.store import Store, open_store
+from evojax_nas.records import ancestry, run_start
 
 STYLES = {  # the paper's Figure 2: evolution solid blue, controls dashed / dash-dotted
     "evolution": ("#1f77b4", "-"),
@@ -39,16 +37,16 @@ def _finish_axes(ax, unit: str, ylabel: str, title: str) -> None:
 def _save(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure on its own Agg canvas: no pyplot, no backend switch, nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def time_unit(seconds: float) -> tuple[float, str]:
@@ -74,23 +72,38 @@ def _scatter(ax, points: Sequence[dict], t, **style) -> None:
     ax.scatter([t(r) for r in points], [100 * r["val_accuracy"] for r in points], **style)
 
 
-def figure1(store: Store, records: Sequence[dict], best_id: str, path: str) -> list[dict]:
-    """Draws Figure 1 into `path`; returns the ancestors listed under the plot."""
-    plt = _pyplot()
-    start = report.run_start(records)
+def figure1(
+    records: Sequence[dict],
+    best_id: str,
+    path: str,
+    *,
+    diagram: Callable[[str], str],
+    history: Sequence[dict] = (),
+    name: str = "",
+) -> list[dict]:
+    """Draws Figure 1 into `path`; returns the ancestors listed under the plot.
+
+    Args:
+        records: the run's trained records, oldest first.
+        best_id: the best individual by validation (its ancestry is traced).
+        path: the PNG to write.
+        diagram: an individual's architecture in the paper's notation, by ID.
+        history: the run's `adjust` events (meta `history`).
+        name: the run's name, for the title.
+    """
+    start = run_start(records)
     div, unit = time_unit(records[-1]["born"] - start)
     t = lambda r: (r["born"] - start) / div  # noqa: E731
-    lineage = report.ancestry(records, best_id)
+    lineage = ancestry(records, best_id)
     shown = pick_ancestors(lineage)
     lines = []
     for letter, r in zip("ABCDEFGH", shown, strict=False):
-        arch = report.paper_diagram(dna_lib.from_dict(store.read_dna(r["id"])))
+        arch = diagram(r["id"])
         head = f"{letter}  {r['id']}  val {100 * r['val_accuracy']:.1f}%  "
         lines += textwrap.wrap(head + arch, 120, subsequent_indent=" " * 6)
     extra = 0.17 * len(lines) + 0.3  # inches for the architecture list
-    fig, (ax, text) = plt.subplots(
-        2, 1, figsize=(11, 6 + extra), gridspec_kw={"height_ratios": [6, extra]}
-    )
+    fig = _figure(figsize=(11, 6 + extra))
+    ax, text = fig.subplots(2, 1, gridspec_kw={"height_ratios": [6, extra]})
     dead = [r for r in records if not r.get("alive")]
     alive = [r for r in records if r.get("alive")]
     _scatter(ax, dead, t, s=9, c="#b0b0b0", label=f"killed ({len(dead)})")
@@ -115,8 +128,7 @@ def figure1(store: Store, records: Sequence[dict], best_id: str, path: str) -> l
             weight="bold",
             color="#d62728",
         )
-    _draw_history(ax, store, start, div)
-    name = store.url.rstrip("/").split("/")[-1]
+    _draw_history(ax, history, start, div)
     title = f"Progress of the run {name}: {len(records)} individuals"
     _finish_axes(ax, unit, "validation accuracy (%)", title)
     text.axis("off")
@@ -127,10 +139,9 @@ def figure1(store: Store, records: Sequence[dict], best_id: str, path: str) -> l
     return shown
 
 
-def _draw_history(ax, store: Store, start: float, div: float) -> None:
+def _draw_history(ax, history: Sequence[dict], start: float, div: float) -> None:
     """Vertical lines (and shaded periods) for the `adjust` events of the run."""
-    history, _ = store.read_meta(report.HISTORY)
-    for event in (history or {}).get("events", []):
+    for event in history:
         x = (event["time"] - start) / div
         if event.get("kind") == "weight_reset":
             ax.axvline(x, color="#9467bd", ls="--", lw=1)
@@ -159,11 +170,11 @@ def figure2(series: Sequence[dict], path: str, end_s: float | None = None) -> No
         path: the PNG to write.
         end_s: the run's length in seconds; the last value is held until then.
     """
-    plt = _pyplot()
     end_s = max([end_s or 0.0, *(p["time_s"] for p in series)])
     series = [*series, {**series[-1], "time_s": end_s}] if series else []
     div, unit = time_unit(end_s)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = _figure(figsize=(8, 5))
+    ax = fig.subplots()
     ok = [p for p in series if p["test_accuracy"] is not None]
     ax.step(
         [p["time_s"] / div for p in ok],
@@ -197,13 +208,18 @@ def figure2(series: Sequence[dict], path: str, end_s: float | None = None) -> No
     _save(fig, path)
 
 
-def group_label(cfg: dict[str, Any]) -> str:
-    """The control a run belongs to, from its config."""
-    if cfg.get("selection") == "random":
-        return "random search"
-    if not cfg.get("inheritance", True):
-        return "no inheritance"
-    return "evolution" if cfg.get("selection") == "tournament" else str(cfg.get("selection"))
+def _nan_mean_sd(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and σ (ddof 1; 0 for one curve) over axis 0 ignoring NaN, NaN where nothing is
+    measured — computed without raising or silencing warnings."""
+    ok = ~np.isnan(curves)
+    n = ok.sum(0)
+    total = np.where(ok, curves, 0.0).sum(0)
+    mean = np.divide(total, n, out=np.full(n.shape, np.nan), where=n > 0)
+    if len(curves) < 2:
+        return mean, np.zeros_like(mean)
+    sq = np.where(ok, (curves - mean) ** 2, 0.0).sum(0)
+    sd = np.sqrt(np.divide(sq, n - 1, out=np.full(n.shape, np.nan), where=n > 1))
+    return mean, sd
 
 
 def curve(series: Sequence[dict], grid: np.ndarray) -> np.ndarray:
@@ -215,111 +231,17 @@ def curve(series: Sequence[dict], grid: np.ndarray) -> np.ndarray:
     return out
 
 
-def compare(
-    urls: Sequence[str], labels: Sequence[str] | None = None, out: str = "compare.png"
-) -> dict[str, Any]:
-    """Measures several runs, plots their groups with mean ± 2σ bands, and tabulates them.
-
-    Args:
-        urls: run stores.
-        labels: a group name per store; default from each run's config (`group_label`).
-        out: the PNG to write.
-
-    Returns:
-        {"runs": [...], "groups": [...], "table": markdown text, "plot": out}.
-    """
-    if labels is not None and len(labels) != len(urls):
-        raise report.ReportError(f"{len(labels)} labels for {len(urls)} stores")
-    runs = []
-    for i, url in enumerate(urls):
-        store = open_store(url, create=False)
-        summary = report.run_summary(store, k=1)
-        summary["group"] = labels[i] if labels else group_label(summary)
-        summary["budget"] = {k: store.read_config().get(k) for k in BUDGET_FIELDS}
-        runs.append(summary)
-    warnings = comparable(runs)
-    groups = _group(runs)
-    _plot_compare(runs, groups, out)
-    result = {"runs": runs, "groups": groups, "table": table(groups), "plot": out}
-    return result | {"warnings": warnings}
-
-
-BUDGET_FIELDS = ("population", "steps", "max_children", "max_minutes", "workers")
-
-
-def comparable(runs: Sequence[dict]) -> list[str]:
-    """Refuses runs on different datasets (different test sets); warns on different budgets."""
-    datasets = sorted({r["dataset"] for r in runs})
-    if len(datasets) > 1:
-        raise report.ReportError(
-            f"these runs use different datasets ({', '.join(datasets)}): their test "
-            "accuracies cannot be averaged or compared; compare runs of one dataset"
-        )
-    warnings = []
-    for field in BUDGET_FIELDS:
-        values = sorted({str(r["budget"][field]) for r in runs})
-        if len(values) > 1:
-            warnings.append(f"the runs differ in {field} ({', '.join(values)})")
-    return warnings
-
-
-def _group(runs: Sequence[dict]) -> list[dict]:
-    out = []
-    for name in dict.fromkeys(r["group"] for r in runs):
-        rs = [r for r in runs if r["group"] == name]
-        test = np.array(
-            [np.nan if r["best_test_accuracy"] is None else r["best_test_accuracy"] for r in rs]
-        )
-        out.append(
-            {
-                "group": name,
-                "runs": len(rs),
-                "seeds": [r["seed"] for r in rs],
-                "test_mean": float(np.nanmean(test)) if not np.all(np.isnan(test)) else None,
-                # σ over runs: undefined (None, "n/a") for a group of one measured run
-                "test_std": float(np.nanstd(test, ddof=1)) if np.sum(~np.isnan(test)) > 1 else None,
-                "val_mean": float(np.mean([r["best_val_accuracy"] for r in rs])),
-                "flops_mean": float(np.mean([r["total_flops"] for r in rs])),
-                "individuals_mean": float(np.mean([r["individuals_trained"] for r in rs])),
-                "wall_hours_mean": float(np.mean([r["wall_hours"] for r in rs])),
-            }
-        )
-    return out
-
-
-def table(groups: Sequence[dict]) -> str:
-    """Markdown table: final test accuracy (mean, σ over runs) and cost per group."""
-    pct = lambda v: "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
-    rows = [
-        "| group | runs | test acc. mean (%) | σ (%) | best val. mean (%) | individuals "
-        "| FLOPs per run | wall min per run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for g in groups:
-        rows.append(
-            f"| {g['group']} | {g['runs']} | {pct(g['test_mean'])} | "
-            f"{pct(g['test_std'])} | {pct(g['val_mean'])} | "
-            f"{g['individuals_mean']:.0f} | {g['flops_mean']:.2e} | "
-            f"{60 * g['wall_hours_mean']:.1f} |"
-        )
-    return "\n".join(rows)
-
-
-def _plot_compare(runs: Sequence[dict], groups: Sequence[dict], out: str) -> None:
-    plt = _pyplot()
+def compare_plot(runs: Sequence[dict], groups: Sequence[dict], out: str) -> None:
+    """Figure-2 curves of several runs, grouped, with mean ± 2σ bands (σ over the group's runs)."""
     end = max(3600 * r["wall_hours"] for r in runs)
     div, unit = time_unit(end)
     grid = np.linspace(0, end, 300)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = _figure(figsize=(8, 5))
+    ax = fig.subplots()
     for i, g in enumerate(groups):
         color, ls = STYLES.get(g["group"], (f"C{i + 3}", "-"))
         curves = np.array([curve(r["progress"], grid) for r in runs if r["group"] == g["group"]])
-        with np.errstate(all="ignore"):
-            import warnings
-
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(curves, 0)
-            sd = np.nanstd(curves, 0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+        mean, sd = _nan_mean_sd(curves)
         ax.plot(grid / div, 100 * mean, ls, c=color, label=f"{g['group']} (n={g['runs']})")
         ax.fill_between(
             grid / div, 100 * (mean - 2 * sd), 100 * (mean + 2 * sd), color=color, alpha=0.15, lw=0

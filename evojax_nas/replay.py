@@ -14,9 +14,10 @@ import numpy as np
 from evojax_nas import dna as dna_lib
 from evojax_nas.config import from_dict as config_from_dict
 from evojax_nas.errors import CheckpointError, EvojaxNasError, NotFoundError, StoreError
-from evojax_nas.evolution import INIT, MUTATE, TRAIN, Evaluator
-from evojax_nas.model import flatten, init_variables
-from evojax_nas.mutations import mutate
+from evojax_nas.evolution import Evaluator
+from evojax_nas.keys import TRAIN, for_purpose, key_from_json
+from evojax_nas.model import flatten
+from evojax_nas.recipe import Plan, make_child, make_initial
 from evojax_nas.store import Store
 
 
@@ -25,10 +26,12 @@ class ParentCollected(EvojaxNasError):
 
 
 def _key(record: dict) -> jax.Array:
-    key = record.get("key")
-    if not isinstance(key, list) or not all(isinstance(x, int) for x in key):
-        raise EvojaxNasError(f"record {record.get('id')} holds no event key to replay from")
-    return jax.numpy.asarray(np.asarray(key, dtype=np.uint32))
+    try:
+        return key_from_json(record.get("key"))
+    except ValueError:
+        raise EvojaxNasError(
+            f"record {record.get('id')} holds no event key to replay from"
+        ) from None
 
 
 def rebuild(store: Store, record: dict, input_channels: int, num_classes: int):
@@ -36,8 +39,7 @@ def rebuild(store: Store, record: dict, input_channels: int, num_classes: int):
     cfg = config_from_dict(store.read_config())
     key = _key(record)
     if record.get("parent") is None:
-        dna = dna_lib.initial_dna(input_channels, num_classes, cfg.initial_learning_rate)
-        return dna, init_variables(dna, jax.random.fold_in(key, INIT))
+        return make_initial(key, input_channels, num_classes, cfg.initial_learning_rate)
     parent_id = record["parent"]
     parent = dna_lib.from_dict(store.read_dna(parent_id))
     try:
@@ -47,15 +49,8 @@ def rebuild(store: Store, record: dict, input_channels: int, num_classes: int):
             f"cannot replay {record['id']}: its parent's weights are gone ({exc}); "
             "runs keep them for gc_grace_seconds after the parent dies"
         ) from None
-    mutation = record.get("mutation", {})
-    child, child_params, _ = mutate(
-        parent,
-        params,
-        jax.random.fold_in(key, MUTATE),
-        weights=mutation.get("weights", cfg.mutation_weights),
-        count=int(mutation.get("count", cfg.mutations_per_child)),
-        inherit=bool(mutation.get("inherit", cfg.inheritance)),
-    )
+    plan = Plan.from_json(record.get("mutation", {}), cfg)
+    child, child_params, _ = make_child(key, parent, params, plan)
     return child, child_params
 
 
@@ -77,7 +72,7 @@ def replay(
     record = store.read_record(ind_id)
     dna, params = rebuild(store, record, input_channels, num_classes)
     stored_dna = dna_lib.from_dict(store.read_dna(ind_id))
-    result = evaluate(dna, params, jax.random.fold_in(_key(record), TRAIN))
+    result = evaluate(dna, params, for_purpose(_key(record), TRAIN))
     try:
         stored = store.read_params(ind_id)
         weights = _same_weights(result.variables, stored)

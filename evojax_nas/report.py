@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,87 +21,37 @@ import numpy as np
 from evojax_nas import data as data_lib
 from evojax_nas import dna as dna_lib
 from evojax_nas import export, stall
-from evojax_nas.config import from_dict
-from evojax_nas.errors import CheckpointError, ConcurrencyError, EvojaxNasError, NotFoundError
+from evojax_nas.app import open_run
+from evojax_nas.errors import (
+    CheckpointError,
+    ConcurrencyError,
+    EvojaxNasError,
+    NotFoundError,
+    ReportError,
+)
+from evojax_nas.records import ancestry, best_so_far, paper_diagram, ranked, run_start, trained
+from evojax_nas.state import HISTORY, TEST_CACHE  # noqa: F401  (HISTORY: readers use it here)
 from evojax_nas.store import Store
 
 log = logging.getLogger(__name__)
 
-TEST_CACHE = "test-accuracy"  # meta: {"dataset", "individuals": {id: acc|null}, "ensembles"}
-HISTORY = "history"  # meta: {"events": [...]}, written by `adjust`, drawn on Figure 1
 TEST_NOTE = (
     "selection used validation accuracy only; the test split was read by report/compare/export "
     "alone, to measure the individuals named here"
 )
 
 
-class ReportError(EvojaxNasError):
-    """A run cannot be reported on (no individuals, bad arguments)."""
-
-
 def trained_records(store: Store) -> list[dict]:
     """Every individual's record that completed training, oldest first."""
-    records = [r for r in store.records() if isinstance(r.get("born"), int | float)]
+    records = trained(store.records())
     if not records:
-        from evojax_nas.cli_common import command
+        from evojax_nas.hints import command
 
         raise ReportError(
             f"{store.url} holds no trained individuals yet: start a worker with "
             f"`{command()} worker {store.url}`"
         )
-    return sorted(records, key=lambda r: (r["born"], r["id"]))
-
-
-def run_start(records: Sequence[dict]) -> float:
-    """Unix time the run started: the earliest start of training of any individual."""
-    return min(r["born"] - r.get("train_seconds", 0.0) for r in records)
-
-
-def best_so_far(records: Sequence[dict]) -> list[dict]:
-    """The records that were the best by validation when they were born, in time order."""
-    out, best = [], -math.inf
-    for r in records:  # already sorted by birth
-        if r.get("val_accuracy", 0.0) > best:
-            best = r["val_accuracy"]
-            out.append(r)
-    return out
-
-
-def ancestry(records: Sequence[dict], ind_id: str) -> list[dict]:
-    """The lineage of `ind_id`, from its initial ancestor to itself."""
-    by_id = {r["id"]: r for r in records}
-    chain, cur = [], by_id.get(ind_id)
-    while cur is not None and cur["id"] not in {c["id"] for c in chain}:
-        chain.append(cur)
-        cur = by_id.get(cur.get("parent"))
-    return chain[::-1]
-
-
-def ranked(records: Iterable[dict]) -> list[dict]:
-    """Records by validation accuracy, best first (ties: the older one first)."""
-    return sorted(records, key=lambda r: (-r.get("val_accuracy", 0.0), r["born"], r["id"]))
-
-
-def paper_diagram(dna: dna_lib.DNA) -> str:
-    """The backbone in the paper's notation: `Input → C+BN+R → C → … → Global Pool → Output`.
-
-    "C" is a convolution, "+BN+R" a batch-norm + ReLU vertex; an identity edge into a BN+R
-    vertex stacks another "+BN+R" onto the previous block, as in the paper's Figure 1.
-    """
-    parts = ["Input"]
-    path = dna_lib.backbone(dna)
-    for vid in path[:-1]:
-        e = next(x for x in dna.out_edges(vid) if not x.is_skip)
-        relu = dna.vertex(e.dst).kind == "bn_relu"
-        skips = sum(1 for x in dna.in_edges(e.dst) if x.is_skip)
-        note = f" (+{skips} skip)" if skips else ""
-        if e.is_conv:
-            parts.append("C" + ("+BN+R" if relu else "") + note)
-        elif relu and parts[-1] != "Input":
-            parts[-1] += "+BN+R" + note
-        elif relu or note:
-            parts.append(("BN+R" if relu else "Sum") + note)
-    return " → ".join([*parts, "Global Pool", "Output"])
+    return records
 
 
 class TestEvaluator:
@@ -109,8 +59,8 @@ class TestEvaluator:
 
     def __init__(self, store: Store):
         """Binds to a run; nothing is loaded until the first evaluation."""
-        self.store = store
-        self.cfg = from_dict(store.read_config())
+        self.run = open_run(store)
+        self.store, self.cfg = store, self.run.cfg
         self._data: tuple[Any, np.ndarray, np.ndarray] | None = None
         self._predictors: dict[str, Any] = {}
 
@@ -124,7 +74,7 @@ class TestEvaluator:
 
     def _load(self) -> tuple[Any, np.ndarray, np.ndarray]:
         if self._data is None:
-            ds = data_lib.load_dataset(self.cfg.dataset, data_dir=self.cfg.data_dir)
+            ds = self.run.task.dataset
             x, y = data_lib.load_test_split(self.cfg.dataset, data_dir=self.cfg.data_dir)
             log.info("test split of %s: %d images (reporting only)", self.cfg.dataset, len(y))
             self._data = (ds, x, np.asarray(y))
@@ -173,21 +123,20 @@ class TestCache:
         """Merges this cache into the store's (another report may have written meanwhile)."""
         if not self.dirty:
             return
-        for _ in range(attempts):
-            value, version = self.store.read_meta(TEST_CACHE)
+
+        def merge(value: dict | None) -> dict:
             value = value if value and value.get("dataset") == self.dataset else {}
-            merged = {
+            return {
                 "dataset": self.dataset,
                 "individuals": {**value.get("individuals", {}), **self.individuals},
                 "ensembles": {**value.get("ensembles", {}), **self.ensembles},
             }
-            try:
-                self.store.write_meta(TEST_CACHE, merged, expected_version=version)
-                self.dirty = False
-                return
-            except ConcurrencyError:
-                continue
-        log.warning("could not save the test-accuracy cache of %s (busy); not cached", self.store)
+
+        try:
+            self.store.update_meta(TEST_CACHE, merge, attempts=attempts)
+            self.dirty = False
+        except ConcurrencyError:
+            log.warning("could not save the test-accuracy cache of %s (busy)", self.store)
 
 
 def individual_accuracy(ind_id: str, evaluator: TestEvaluator, cache: TestCache) -> float | None:
@@ -289,7 +238,7 @@ def run_summary(store: Store, k: int = 1) -> dict[str, Any]:
 
 def stall_diagnosis(store: Store, records: Sequence[dict], cfg) -> dict[str, Any]:
     """`stall.diagnose` of the trained records, its advice naming this run (a JSON dict)."""
-    from evojax_nas.cli_common import command
+    from evojax_nas.hints import command
 
     d = stall.diagnose(records, cfg.population, run=store.url, steps=cfg.steps, command=command())
     return d.to_dict()
@@ -315,7 +264,7 @@ def write_report(store: Store, k: int = 3, out_dir: str | None = None) -> dict[s
     Returns:
         `run_summary`'s dict plus "outputs" (the paths of the files written).
     """
-    from evojax_nas import plots  # plots imports this module
+    from evojax_nas import plots  # matplotlib: only when drawing
 
     out = output_dir(store, out_dir)
     if out_dir is None and os.path.islink(out):  # a store's contents may be hostile
@@ -330,7 +279,15 @@ def write_report(store: Store, k: int = 3, out_dir: str | None = None) -> dict[s
     for path in paths.values():  # replace, never write through, a symlink left in its place
         if os.path.islink(path):
             os.unlink(path)
-    shown = plots.figure1(store, records, summary["best_id"], paths["figure1.png"])
+    history, _ = store.read_meta(HISTORY)
+    shown = plots.figure1(
+        records,
+        summary["best_id"],
+        paths["figure1.png"],
+        diagram=lambda ind_id: paper_diagram(dna_lib.from_dict(store.read_dna(ind_id))),
+        history=(history or {}).get("events", []),
+        name=store.url.rstrip("/").split("/")[-1],
+    )
     plots.figure2(summary["progress"], paths["figure2.png"], 3600 * summary["wall_hours"])
     with open(paths["architecture.txt"], "w", encoding="utf-8") as f:
         f.write(architecture_text(store, shown))
@@ -350,3 +307,30 @@ def architecture_text(store: Store, shown: Sequence[dict]) -> str:
             f"\n  {paper_diagram(dna)}\n  {dna_lib.describe(dna)}\n"
         )
     return "best by validation (last) and the ancestors shown on Figure 1:\n\n" + "\n".join(blocks)
+
+
+def export_run(store: Any, out_dir: str, k: int = 1) -> str:
+    """Exports the best individual by validation (k=1) or the top-k majority-vote ensemble.
+
+    Args:
+        store: the run's store.
+        out_dir: a new (or empty) directory.
+        k: number of members, best validation first, among individuals with stored weights.
+
+    Returns:
+        The path of the written model.json.
+    """
+    summary = run_summary(store, k)
+    evaluator = TestEvaluator(store)
+    records = {r["id"]: r for r in trained_records(store)}
+    members = []
+    for ind_id in summary["ensemble_ids"]:
+        found = evaluator.member(ind_id)
+        if found is not None:
+            members.append((records[ind_id], *found))
+    extra = {
+        "source": store.url,
+        "test_accuracy": summary["ensemble_test_accuracy"],
+        "selected_by": "validation accuracy (top-k among individuals with stored weights)",
+    }
+    return export.write_model(out_dir, members, evaluator.meta, extra)

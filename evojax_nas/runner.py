@@ -1,4 +1,4 @@
-"""Starting a run and its local worker processes; live progress; the state of a run.
+"""Starting a run and supervising its local worker processes; the state of a run.
 
 Workers are independent processes (spawned: JAX is not fork-safe) that coordinate only
 through the store; the parent process reads their progress from a queue to show it, restarts
@@ -8,6 +8,7 @@ a worker that dies unexpectedly, and stops them all however it ends itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -18,9 +19,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evojax_nas.cli_common import command
+from evojax_nas.app import open_run
 from evojax_nas.config import EvolutionConfig, from_dict
 from evojax_nas.errors import ConcurrencyError, ConfigError, EvojaxNasError, NotFoundError
+from evojax_nas.hints import command
 from evojax_nas.lifecycle import (
     LIVE_SECONDS,
     GracefulStop,
@@ -29,10 +31,10 @@ from evojax_nas.lifecycle import (
     is_live,
     watch_parent,
 )
-from evojax_nas.store import Store, open_store, retrying
+from evojax_nas.progress import Progress
+from evojax_nas.state import FINISHED, WORKER_COUNTER
+from evojax_nas.store import Store, open_store
 
-WORKER_COUNTER = "worker-ids"  # meta file: {"next": the next unclaimed worker ID}
-FINISHED = "finished"  # meta: the run's time budget is spent (written by the worker that saw it)
 STOP_GRACE = 15.0  # seconds a stopping worker may take to finish a child the population needs
 MAX_RESTARTS = 3  # worker restarts allowed within RESTART_WINDOW before `evolve` gives up
 RESTART_WINDOW = 600.0
@@ -61,16 +63,14 @@ def create_or_join(store: Store, cfg: EvolutionConfig | None) -> EvolutionConfig
 def claim_worker_id(store: Store, start: int = 0) -> int:
     """A worker ID no other worker of this run has: compare-and-swap on a counter, O(1) requests
     however many workers the run ever started."""
-    while True:
-        value, version = store.read_meta(WORKER_COUNTER)
+
+    def claim(value: dict | None) -> dict:
         nxt = value.get("next") if isinstance(value, dict) else None
         if type(nxt) is not int or nxt < 0:
             nxt = _first_unclaimed(store, start)  # a new run, a damaged counter or an old run
-        try:
-            store.write_meta(WORKER_COUNTER, {"next": nxt + 1, "time": time.time()}, version)
-        except ConcurrencyError:
-            continue  # another worker claimed meanwhile: read the counter again
-        return nxt
+        return {"next": nxt + 1, "time": time.time()}
+
+    return store.update_meta(WORKER_COUNTER, claim, attempts=None)["next"] - 1
 
 
 def _first_unclaimed(store: Store, wid: int) -> int:
@@ -175,32 +175,15 @@ def worker_main(
     most the child that refills it). `run_max_children` also stops it when the whole run has
     trained that many (checked every few events: other workers count too).
     """
-    import logging
-
-    from evojax_nas.data import load_dataset
-    from evojax_nas.evolution import (
-        Worker,
-        background_compile,
-        program_cache,
-        run_worker,
-        training_evaluator,
-    )
+    from evojax_nas.evolution import Worker, background_compile, run_worker
     from evojax_nas.train import enable_compilation_cache
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    store = retrying(open_store(url, create=False))  # waits out storage outages
-    cfg = from_dict(store.read_config())
+    run = open_run(url, retry=True)  # waits out storage outages
+    store, cfg = run.store, run.cfg
     if cfg.compile_cache == "worker":  # else programs come from the run's store
         enable_compilation_cache()
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
-    worker = Worker(
-        store,
-        cfg,
-        worker_id,
-        training_evaluator(dataset, cfg, program_cache(store, cfg)),
-        dataset.image_shape[-1],
-        dataset.num_classes,
-    )
+    task = run.task
+    worker = Worker(store, cfg, worker_id, task.evaluator(), task.input_channels, task.num_classes)
     stop = stop or GracefulStop()
     extra = [0]  # events run since the stop was requested
 
@@ -267,6 +250,7 @@ def _worker_process(
     if parent_pid is not None:
         watch_parent(parent_pid)
     stop = GracefulStop().install()
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)  # its own process
     try:
         worker_main(url, worker_id, max_children, deadline, events, verbose, stop=stop)
     except EvojaxNasError as exc:
@@ -280,60 +264,6 @@ def split_budget(total: int | None, workers: int) -> list[int | None]:
     if total is None:
         return [None] * workers
     return [total // workers + (i < total % workers) for i in range(workers)]
-
-
-@dataclasses.dataclass
-class Progress:
-    """Live totals from worker events; prints one line per trained child (nothing if `out`
-    is None)."""
-
-    budget: int | None
-    start: float = dataclasses.field(default_factory=time.time)
-    children: int = 0  # in the run, including `offset` trained before this session
-    offset: int = 0  # children trained before this session (not in the rate)
-    kills: int = 0
-    abandoned: int = 0
-    best: float = 0.0
-    best_id: str = ""
-    flops: float = 0.0
-    population: int = 0
-    out: Any = dataclasses.field(default_factory=lambda: sys.stdout)  # the current stdout
-    errors: list = dataclasses.field(default_factory=list)  # messages of failed workers
-    by_worker: dict = dataclasses.field(default_factory=dict)  # children per worker ID
-
-    def __post_init__(self):
-        self.children = max(self.children, self.offset)
-
-    def say(self, line: str) -> None:
-        if self.out is not None:
-            print(line, file=self.out, flush=True)
-
-    def update(self, event: dict) -> None:
-        action = event.get("action")
-        if action == "error":
-            self.errors.append(event["message"])
-            return
-        self.population = event.get("population", self.population)
-        if action == "kill":
-            self.kills += 1
-            return
-        if action not in ("initial", "reproduce"):
-            self.abandoned += action == "abandoned"
-            return
-        self.children += 1
-        self.by_worker[event.get("worker")] = self.by_worker.get(event.get("worker"), 0) + 1
-        self.flops += event.get("flops", 0.0)
-        if event.get("val_accuracy", 0.0) > self.best:
-            self.best, self.best_id = event["val_accuracy"], event["id"]
-        minutes = max(time.time() - self.start, 1e-9) / 60
-        total = f"/{self.budget}" if self.budget is not None else ""
-        names = ",".join(event.get("mutation", {}).get("names", [])) or "initial"
-        self.say(
-            f"[{minutes:6.1f} min] children {self.children}{total} | best val "
-            f"{self.best:.4f} | population {self.population} | FLOPs {self.flops:.2e} | "
-            f"{(self.children - self.offset) / minutes:.1f}/min | {event['id']} {names} "
-            f"val {event.get('val_accuracy', 0):.4f}"
-        )
 
 
 @dataclasses.dataclass

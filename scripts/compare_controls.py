@@ -34,8 +34,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from evojax_nas.compare import compare
 from evojax_nas.config import from_dict, load_config
-from evojax_nas.plots import STYLES, compare
+from evojax_nas.plots import STYLES
 from evojax_nas.runner import evolve
 from evojax_nas.store import open_store
 

@@ -7,7 +7,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_cli import cli
 
 from evojax_nas import cifar_binary, data
 from evojax_nas.errors import DataError
@@ -211,10 +210,10 @@ def test_bad_data_dirs_raise_one_line_naming_the_file(small, tmp_path):
 @pytest.mark.parametrize(
     "case", ["missing", "truncated archive", "pickle archive", "wrong dataset"]
 )
-def test_evolve_with_a_bad_data_dir_exits_2_and_writes_nothing(tmp_path, case):
+def test_evolve_with_a_bad_data_dir_exits_2_and_writes_nothing(tmp_path, case, run_cli):
     layout = cifar_binary.CIFAR10  # official counts: the CLI runs in its own process
     data_dir, words = bad_data_dirs(tmp_path / "data", layout)[case]
-    out = cli(
+    out = run_cli(
         "evolve", "--out", str(tmp_path / "run"), "--dataset", "cifar10", "--data-dir", data_dir,
         "--max-children", "1", timeout=120, cwd=tmp_path,
     )  # fmt: skip
@@ -224,20 +223,20 @@ def test_evolve_with_a_bad_data_dir_exits_2_and_writes_nothing(tmp_path, case):
     assert sorted(os.listdir(tmp_path)) == ["data"]  # no run directory, nothing else
 
 
-def test_prepare_data_without_tensorflow_names_what_to_do(tmp_path):
+def test_prepare_data_without_tensorflow_names_what_to_do(tmp_path, run_cli):
     try:
         import tensorflow  # noqa: F401
 
         pytest.skip("tensorflow is installed here")
     except ImportError:
         pass
-    out = cli("prepare-data", "cifar10", "--data-dir", str(tmp_path / "tfds"), timeout=120)
+    out = run_cli("prepare-data", "cifar10", "--data-dir", str(tmp_path / "tfds"), timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "tensorflow" in out.stderr and "cifar-10-binary.tar.gz" in out.stderr
     assert not (tmp_path / "tfds").exists()
 
 
-def test_prepare_data_refuses_a_dataset_it_cannot_prepare():
-    bad = cli("prepare-data", "mnist5k", "--data-dir", "unused", timeout=60)
+def test_prepare_data_refuses_a_dataset_it_cannot_prepare(run_cli):
+    bad = run_cli("prepare-data", "mnist5k", "--data-dir", "unused", timeout=60)
     assert bad.returncode == 2 and "cifar10" in bad.stderr and "Traceback" not in bad.stderr

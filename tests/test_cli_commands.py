@@ -265,7 +265,7 @@ def test_no_more_initial_individuals_than_the_set_point_while_seeding(tmp_path):
 
 def test_report_and_compare_labels_say_what_was_measured():
     from evojax_nas.cli_report import report_lines
-    from evojax_nas.plots import comparable, table
+    from evojax_nas.compare import comparable, table
     from evojax_nas.report import ReportError
 
     summary = {

@@ -5,19 +5,20 @@ import os
 
 import numpy as np
 import pytest
-from test_report import count_test_split, synthetic_run
 
 from evojax_nas import cli, data, export, report
 from evojax_nas.export import ExportError, ensemble_probabilities, load_model
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, synthetic_run):
     return synthetic_run(tmp_path_factory.mktemp("exp") / "run")
 
 
-def test_exported_model_reproduces_the_reports_test_accuracy(run, tmp_path, monkeypatch):
-    calls = count_test_split(monkeypatch)
+def test_exported_model_reproduces_the_reports_test_accuracy(
+    run, tmp_path, monkeypatch, count_test_split
+):
+    calls = count_test_split
     summary = report.run_summary(run, k=3)
     x, y = data.load_test_split("digits8x8")
     for k, field in ((1, "best_test_accuracy"), (3, "ensemble_test_accuracy")):
@@ -47,8 +48,8 @@ def test_export_refuses_a_non_empty_directory_and_bad_images(run, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExportError, match="not an empty directory"):
-        export.export_run(run, str(tmp_path / "full"))
-    export.export_run(run, str(tmp_path / "ok"))
+        report.export_run(run, str(tmp_path / "full"))
+    report.export_run(run, str(tmp_path / "ok"))
     with pytest.raises(ExportError, match="expected images"):
         load_model(str(tmp_path / "ok"))(np.zeros((2, 28, 28, 1), np.uint8))
     with pytest.raises(ExportError, match="not an exported model"):

@@ -3,15 +3,21 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from evojax_nas.config import EvolutionConfig
 from evojax_nas.evolution import Worker, training_evaluator
 from evojax_nas.replay import replay
 from evojax_nas.store import open_store
-from tests.test_train import random_dataset
 
 
-def tiny_run(tmp_path):
+@pytest.fixture
+def tiny_run(random_dataset):
+    """A factory of tiny in-process runs: tiny_run(tmp_path) -> (store, evaluate)."""
+    return lambda tmp_path: _tiny_run(tmp_path, random_dataset)
+
+
+def _tiny_run(tmp_path, random_dataset):
     data = random_dataset(n=100, hw=8, c=3, classes=4)
     cfg = dataclasses.replace(
         EvolutionConfig(),
@@ -31,7 +37,7 @@ def tiny_run(tmp_path):
     return store, evaluate
 
 
-def test_replay_reproduces_initial_and_child_bit_for_bit(tmp_path):
+def test_replay_reproduces_initial_and_child_bit_for_bit(tmp_path, tiny_run):
     store, evaluate = tiny_run(tmp_path)
     records = store.records()
     child = next(r for r in records if r["parent"] is not None)
@@ -57,7 +63,7 @@ class TamperedKey:
         return record
 
 
-def test_replay_detects_a_different_key(tmp_path):
+def test_replay_detects_a_different_key(tmp_path, tiny_run):
     store, evaluate = tiny_run(tmp_path)
     child = next(r for r in store.records() if r["parent"] is not None)
     out = replay(TamperedKey(store), child["id"], evaluate, 3, 4)
@@ -76,7 +82,7 @@ def _verdicts(store, evaluate, ids=None):
     return {v["id"]: v for v in replay_many(store, ids, evaluate, 3, 4)}
 
 
-def test_replay_all_reproduces_every_individual_and_names_tampering(tmp_path):
+def test_replay_all_reproduces_every_individual_and_names_tampering(tmp_path, tiny_run):
     from evojax_nas.replay import MISMATCH, REPRODUCED
 
     store, evaluate = tiny_run(tmp_path)
@@ -101,7 +107,7 @@ def test_replay_all_reproduces_every_individual_and_names_tampering(tmp_path):
     } | {i for i in verdicts if store.read_record(i)["parent"] == ckpt_victim}
 
 
-def test_lineage_runs_from_an_initial_individual(tmp_path):
+def test_lineage_runs_from_an_initial_individual(tmp_path, tiny_run):
     from evojax_nas.replay import lineage
 
     store, evaluate = tiny_run(tmp_path)
@@ -112,7 +118,7 @@ def test_lineage_runs_from_an_initial_individual(tmp_path):
         assert store.read_record(child)["parent"] == parent
 
 
-def test_a_collected_parent_is_not_checkable_not_a_failure(tmp_path):
+def test_a_collected_parent_is_not_checkable_not_a_failure(tmp_path, tiny_run):
     from evojax_nas.replay import NOT_CHECKABLE
 
     store, evaluate = tiny_run(tmp_path)
@@ -127,7 +133,7 @@ def test_a_collected_parent_is_not_checkable_not_a_failure(tmp_path):
     assert v["verdict"] == NOT_CHECKABLE and "collected" in v["detail"]
 
 
-def test_replay_cli_all_and_lineage(tmp_path, monkeypatch, capsys):
+def test_replay_cli_all_and_lineage(tmp_path, monkeypatch, capsys, tiny_run, random_dataset):
     from evojax_nas import cli, data
 
     store, _ = tiny_run(tmp_path)

@@ -4,18 +4,16 @@ import dataclasses
 import json
 import time
 
-import jax
 import matplotlib.image
 import pytest
 
-from evojax_nas import cli, data, plots, report
+from evojax_nas import cli, compare, data, plots, report
 from evojax_nas import dna as D
 from evojax_nas.cli_report import adjust, report_lines
 from evojax_nas.cli_train import read_dna
 from evojax_nas.config import EvolutionConfig
 from evojax_nas.errors import EvojaxNasError
 from evojax_nas.evolution import Worker, training_evaluator
-from evojax_nas.model import init_variables
 from evojax_nas.runner import run_status
 from evojax_nas.store import open_store
 from evojax_nas.train import TrainResult
@@ -39,17 +37,6 @@ def forbid_test_split(monkeypatch):
     monkeypatch.setattr(data, "load_test_split", refuse)
 
 
-def count_test_split(monkeypatch) -> list:
-    calls, real = [], data.load_test_split
-
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(data, "load_test_split", counted)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A real in-process evolution (digits 8×8, 3 training steps a child) that may not read
@@ -68,8 +55,10 @@ def tiny_run(tmp_path_factory):
     return url
 
 
-def test_evolution_never_reads_the_test_split_and_report_does(tiny_run, monkeypatch, capsys):
-    calls = count_test_split(monkeypatch)
+def test_evolution_never_reads_the_test_split_and_report_does(
+    tiny_run, monkeypatch, capsys, count_test_split
+):
+    calls = count_test_split
     assert cli.main(["report", tiny_run, "--json", "--ensemble", "2"]) == 0
     assert calls, "report must measure on the test split"
     out = json.loads(capsys.readouterr().out)
@@ -108,35 +97,7 @@ def test_second_report_uses_the_cache_and_never_loads_data(tiny_run, monkeypatch
         assert second[key] == first[key]
 
 
-def publish(store, ind_id, dna, *, val, born, parent=None, params=True, key=0):
-    variables = init_variables(dna, jax.random.PRNGKey(key)) if params else None
-    record = {
-        "parent": parent,
-        "mutation": {"names": [], "touched": [], "reinitialised": []},
-        "val_accuracy": val,
-        "born": born,
-        "train_seconds": 1.0,
-        "flops": 1e6,
-        "architecture": D.describe(dna),
-        "architecture_key": D.architecture_key(dna),
-    }
-    store.publish(ind_id, D.to_dict(dna), record, val, variables)
-
-
-def synthetic_run(path, **cfg_changes):
-    """Untrained individuals with weights: fast to build, real to evaluate."""
-    store = open_store(str(path))
-    store.write_config(dataclasses.replace(TINY, **cfg_changes).to_dict())
-    dna = D.initial_dna(1, 10)
-    for i, val in enumerate([0.2, 0.3, 0.25, 0.4]):
-        parent = f"i{i - 1}" if i else None
-        publish(store, f"i{i}", dna, val=val, born=1000.0 + 60 * i, parent=parent, key=i)
-    conv = D.for_data(read_dna("small_conv"), 1, 10)  # convolutions and batch-norm statistics
-    publish(store, "c4", conv, val=0.35, born=1300.0, parent="i3", key=4)
-    return store
-
-
-def test_collected_best_so_far_is_reported_as_missing(tmp_path):
+def test_collected_best_so_far_is_reported_as_missing(tmp_path, synthetic_run):
     store = synthetic_run(tmp_path / "run")
     store.kill("i1")
     assert store.gc(0.0) == 1
@@ -156,8 +117,10 @@ def test_report_on_an_empty_run_is_a_user_error(tmp_path, capsys):
     assert "no trained individuals" in capsys.readouterr().err
 
 
-def test_compare_groups_runs_and_writes_a_table_and_png(tmp_path, monkeypatch, capsys):
-    calls = count_test_split(monkeypatch)
+def test_compare_groups_runs_and_writes_a_table_and_png(
+    tmp_path, monkeypatch, capsys, count_test_split, synthetic_run
+):
+    calls = count_test_split
     urls = [synthetic_run(tmp_path / f"e{s}", seed=s).url for s in range(2)]
     urls.append(synthetic_run(tmp_path / "r", selection="random").url)
     assert cli.main(["compare", *urls, "--out", str(tmp_path / "cmp.png"), "--json"]) == 0
@@ -169,7 +132,7 @@ def test_compare_groups_runs_and_writes_a_table_and_png(tmp_path, monkeypatch, c
     with open(tmp_path / "cmp.png", "rb") as f:
         assert f.read(8) == PNG
     with pytest.raises(report.ReportError, match="labels"):
-        plots.compare(urls, labels=["a"], out=str(tmp_path / "x.png"))
+        compare.compare(urls, labels=["a"], out=str(tmp_path / "x.png"))
 
 
 def test_paper_diagram_uses_the_papers_notation():
@@ -212,7 +175,13 @@ def test_adjust_changes_what_workers_do_next(tmp_path):
     assert kinds == ["mutation_rate", "mutation_rate", "weight_reset"]
     records = report.trained_records(store)
     path = str(tmp_path / "f1.png")
-    plots.figure1(store, records, records[-1]["id"], path)
+    plots.figure1(
+        records,
+        records[-1]["id"],
+        path,
+        diagram=lambda i: report.paper_diagram(D.from_dict(store.read_dna(i))),
+        history=history["events"],
+    )
     with open(path, "rb") as f:
         assert f.read(8) == PNG
 

@@ -3,19 +3,12 @@ import numpy as np
 import pytest
 
 from evojax_nas import dna as D
-from evojax_nas.data import Dataset, load_dataset
+from evojax_nas.data import load_dataset
 from evojax_nas.model import init_variables
 from evojax_nas.programs import CompileCounter, ProgramCache
 from evojax_nas.train import TrainConfig, train_and_evaluate
 
 V, E = D.Vertex, D.Edge
-
-
-def random_dataset(n=100, hw=8, c=3, classes=4, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n, hw, hw, c), dtype=np.uint8)
-    y = rng.integers(0, classes, n).astype(np.int32)
-    return Dataset("random", x, y, x[:20], y[:20], classes, (127.0,) * c, (74.0,) * c, "cifar")
 
 
 def two_convs(cin=3, classes=4, width=4.0) -> D.DNA:
@@ -42,7 +35,7 @@ def _train(d, data, steps, cache=None, seed=0, per_dispatch=100):
     return train_and_evaluate(d, variables, data, jax.random.PRNGKey(seed + 1), cfg, cache)
 
 
-def test_learning_rate_change_compiles_nothing():
+def test_learning_rate_change_compiles_nothing(random_dataset):
     data, d, cache = random_dataset(), two_convs(), ProgramCache()
     first = _train(d, data, 3, cache)
     assert cache.counts["compiled"] == 1 and first.programs == "compiled"
@@ -59,7 +52,7 @@ def test_learning_rate_change_compiles_nothing():
     assert cache.counts["compiled"] == 2 and compiles.count >= 2
 
 
-def test_training_is_deterministic_for_a_key():
+def test_training_is_deterministic_for_a_key(random_dataset):
     data, d = random_dataset(), two_convs()
     a, b = _train(d, data, 4), _train(d, data, 4)
     for x, y in zip(
@@ -68,7 +61,7 @@ def test_training_is_deterministic_for_a_key():
         np.testing.assert_array_equal(x, y)
 
 
-def test_nan_inducing_learning_rate_gives_fitness_zero_without_raising():
+def test_nan_inducing_learning_rate_gives_fitness_zero_without_raising(random_dataset):
     data, d = random_dataset(), two_convs()
     result = _train(d.replace(learning_rate=1e30), data, 40, per_dispatch=5)
     assert result.diverged
@@ -78,7 +71,7 @@ def test_nan_inducing_learning_rate_gives_fitness_zero_without_raising():
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(result.variables))
 
 
-def test_flops_agree_with_conv_shape_count():
+def test_flops_agree_with_conv_shape_count(random_dataset):
     # 16×16×8 → conv3x3 → 64 → conv3x3 → 64: convolutions dominate everything else.
     data = random_dataset(n=100, hw=16, c=8)
     d = two_convs(cin=8, width=8.0)

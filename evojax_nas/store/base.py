@@ -8,7 +8,11 @@ marker; garbage collection removes dead checkpoints after a grace period and kee
 
 import abc
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
+
+from evojax_nas.errors import ConcurrencyError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,42 @@ class Store(abc.ABC):
         Raises:
             ConcurrencyError: the file's current version is not `expected_version`.
         """
+
+    def update_meta(
+        self,
+        name: str,
+        change: Callable[[dict | None], dict],
+        *,
+        attempts: int | None = 20,
+        pause: float = 0.0,
+    ) -> dict:
+        """Read-modify-write of a side file with compare-and-swap, retried on a lost race.
+
+        Args:
+            name: the side file's name.
+            change: the new value from the current one (None when there is none); it may run
+                more than once (once per attempt), so it must not have side effects that add up.
+            attempts: how many lost races to retry; None retries until it wins.
+            pause: seconds to wait after a lost race.
+
+        Returns:
+            The value written.
+
+        Raises:
+            ConcurrencyError: every attempt lost its race.
+        """
+        tried = 0
+        while attempts is None or tried < attempts:
+            tried += 1
+            value, version = self.read_meta(name)
+            new = change(value)
+            try:
+                self.write_meta(name, new, expected_version=version)
+                return new
+            except ConcurrencyError:
+                if pause:
+                    time.sleep(pause)
+        raise ConcurrencyError(f"could not update meta/{name}: {tried} concurrent writes won")
 
     @abc.abstractmethod
     def gc(self, grace_seconds: float) -> int:

@@ -1,0 +1,112 @@
+"""Shared test fixtures (instead of test modules importing each other)."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from evojax_nas import data
+from evojax_nas import dna as D
+from evojax_nas.cli_train import read_dna
+from evojax_nas.config import EvolutionConfig
+from evojax_nas.data import Dataset
+from evojax_nas.model import init_variables
+from evojax_nas.store import open_store
+
+SYNTHETIC = EvolutionConfig(  # the config of `synthetic_run` (test_report's TINY)
+    dataset="digits8x8",
+    population=3,
+    workers=1,
+    steps=3,
+    max_children=6,
+    mutation_weights={"identity": 1.0, "alter_learning_rate": 1.0, "reset_weights": 1.0},
+)
+
+
+def make_random_dataset(n=100, hw=8, c=3, classes=4, seed=0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, hw, hw, c), dtype=np.uint8)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    return Dataset("random", x, y, x[:20], y[:20], classes, (127.0,) * c, (74.0,) * c, "cifar")
+
+
+def publish(store, ind_id, dna, *, val, born, parent=None, params=True, key=0):
+    variables = init_variables(dna, jax.random.PRNGKey(key)) if params else None
+    record = {
+        "parent": parent,
+        "mutation": {"names": [], "touched": [], "reinitialised": []},
+        "val_accuracy": val,
+        "born": born,
+        "train_seconds": 1.0,
+        "flops": 1e6,
+        "architecture": D.describe(dna),
+        "architecture_key": D.architecture_key(dna),
+    }
+    store.publish(ind_id, D.to_dict(dna), record, val, variables)
+
+
+def make_synthetic_run(path, **cfg_changes):
+    """Untrained individuals with weights: fast to build, real to evaluate."""
+    store = open_store(str(path))
+    store.write_config(dataclasses.replace(SYNTHETIC, **cfg_changes).to_dict())
+    dna = D.initial_dna(1, 10)
+    for i, val in enumerate([0.2, 0.3, 0.25, 0.4]):
+        parent = f"i{i - 1}" if i else None
+        publish(store, f"i{i}", dna, val=val, born=1000.0 + 60 * i, parent=parent, key=i)
+    conv = D.for_data(read_dna("small_conv"), 1, 10)  # convolutions and batch-norm statistics
+    publish(store, "c4", conv, val=0.35, born=1300.0, parent="i3", key=4)
+    return store
+
+
+@pytest.fixture
+def random_dataset():
+    """A factory of random uint8 datasets: random_dataset(n, hw, c, classes, seed)."""
+    return make_random_dataset
+
+
+@pytest.fixture(scope="session")
+def synthetic_run():
+    """A factory of runs of untrained individuals with weights: synthetic_run(path, **cfg)."""
+    return make_synthetic_run
+
+
+@pytest.fixture
+def count_test_split(monkeypatch) -> list:
+    """Counts reads of the test split (the list of their arguments)."""
+    calls, real = [], data.load_test_split
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_test_split", counted)
+    return calls
+
+
+EXE = shutil.which("evojax-nas") or os.path.join(os.path.dirname(sys.executable), "evojax-nas")
+
+
+def _run_cli(*args, timeout=300, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [EXE, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
+
+
+@pytest.fixture
+def run_cli():
+    """Runs `evojax-nas ARGS…` in a subprocess: run_cli(*args, timeout=300, cwd=None)."""
+    return _run_cli
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache_in_process(monkeypatch):
+    """`cli.main` run in-process would turn on JAX's persistent compilation cache for the whole
+    test process; with it on, programs are not shared through a store, so later tests would
+    behave differently depending on test order. Subprocesses (real entry points) keep it."""
+    monkeypatch.setattr("evojax_nas.train.enable_compilation_cache", lambda: None)
