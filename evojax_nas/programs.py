@@ -310,6 +310,7 @@ class SharedPrograms:
 
     def __init__(self, store):
         self.store = store
+        self.unusable: set[str] = set()  # keys whose published programs failed to load here
 
     def _name(self, key: str, leaf: str) -> str:
         return f"programs/{key}/{leaf}"
@@ -336,6 +337,7 @@ class SharedPrograms:
             flops = float(meta["flops_train_step"]), float(meta["flops_eval_batch"])
         except Exception as exc:  # a damaged or foreign file costs a compile, never the run
             log.warning("shared programs %s unusable (%s); compiling them", key, exc)
+            self.unusable.add(key)
             return None
         seconds = {"load": time.perf_counter() - t0}
         return Programs(out[0], out[1], *flops, key, "shared", seconds)
@@ -394,9 +396,8 @@ class SharedPrograms:
         pause = 0.05
         while True:
             found = self.load(key, dna, layout, cfg, target)
-            if found is not None or time.monotonic() >= end:
+            if found is not None or key in self.unusable or time.monotonic() >= end:
                 return found
-            found = self.load(key, dna, layout, cfg, target)
             time.sleep(pause)
             pause = min(pause * 1.5, 2.0)
         return None
@@ -462,7 +463,7 @@ class ProgramCache:
         programs, claimed = None, False
         if self.shared is not None:
             programs = self.shared.load(key, dna, layout, cfg, self.target)
-            if programs is None:
+            if programs is None and key not in self.shared.unusable:  # none published yet
                 claimed = self.shared.claim(key)
                 if not claimed:
                     programs = self.shared.wait(key, dna, layout, cfg, self.target, self.claim_wait)
