@@ -90,12 +90,7 @@ class GCSRecordsMixin:
             birth = _validate.parse_marker(name)[2] / 1e9
             whole = {"dna.json", "ckpt"} <= files.get(ind_id, set())
             if not whole and now.timestamp() - birth >= grace_seconds:
-                log.warning("gc: killing phantom %s: its DNA or checkpoint is gone", ind_id)
-                try:
-                    self.kill(ind_id)
-                    collected += 1
-                except StoreError:
-                    pass
+                collected += self._kill_phantom(ind_id)
         return collected
 
     def _collect(self, ind_id: str, generation: int, marker: str) -> bool:

@@ -8,11 +8,14 @@ marker; garbage collection removes dead checkpoints after a grace period and kee
 
 import abc
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from evojax_nas.errors import ConcurrencyError
+from evojax_nas.errors import ConcurrencyError, StoreError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,15 @@ class Store(abc.ABC):
         Returns:
             How many individuals were collected by this call. Records and DNA are kept.
         """
+
+    def _kill_phantom(self, ind_id: str) -> bool:
+        """gc: kills a listed individual whose DNA or checkpoint is gone; True if it did."""
+        log.warning("gc: killing phantom %s: its DNA or checkpoint is gone", ind_id)
+        try:
+            self.kill(ind_id)
+            return True
+        except StoreError:
+            return False  # killed meanwhile, or it cannot be killed: either way it is out
 
     # Blobs: immutable files shared by the run's workers (compiled programs). Create-only, so a
     # blob once visible never changes; a backend that cannot hold them raises NotImplementedError.

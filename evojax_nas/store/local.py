@@ -369,12 +369,7 @@ class LocalStore(Store):
                 self._path("inds", ind_id, "dna.json")
             )
             if state == "alive" and birth / 1e9 < cutoff and not whole:
-                log.warning("gc: killing phantom %s: its DNA or checkpoint is gone", ind_id)
-                try:
-                    self.kill(ind_id)
-                    collected += 1
-                except StoreError:
-                    pass
+                collected += self._kill_phantom(ind_id)
         return collected
 
     def _gc_tmp(self, cutoff: float) -> None:
