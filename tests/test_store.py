@@ -536,6 +536,66 @@ def test_local_reads_never_follow_a_symlinked_file(tmp_path):
     assert "error" in {r["id"]: r for r in store.records()}["a"]
 
 
+def test_local_meta_writer_delayed_past_many_versions_cannot_win_stale(tmp_path):
+    """A compare-and-swap that lists, then stalls while 10 others write, must not land.
+
+    Deleting superseded versions freed their names, so the stalled writer's create-only
+    file succeeded under an old version number and its update vanished without an error.
+    """
+    store = LocalStore(str(tmp_path / "s"))
+    store.write_meta("m", {"n": 0})
+    _, stale = store.read_meta("m")
+    create = store._create_file
+
+    def stalled(path, data):
+        store._create_file = create
+        for _ in range(10):  # everyone else moves on meanwhile
+            value, version = store.read_meta("m")
+            store.write_meta("m", {"n": value["n"] + 1}, expected_version=version)
+        return create(path, data)
+
+    store._create_file = stalled
+    with pytest.raises(ConcurrencyError):
+        store.write_meta("m", {"n": -1}, expected_version=stale)
+    assert store.read_meta("m")[0] == {"n": 10}
+    store.update_meta("m", lambda v: {"n": v["n"] + 1})
+    assert store.read_meta("m") == ({"n": 11}, 12)
+
+
+def test_local_meta_tombstones_are_emptied_then_deleted_a_day_later(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    for i in range(12):
+        store.update_meta("m", lambda v, i=i: {"n": i})
+    folder = os.path.join(store.root, "meta", "m")
+    sizes = {int(n[:-5]): os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)}
+    assert sorted(sizes) == list(range(1, 13))
+    assert sorted(v for v, size in sizes.items() if size == 0) == [1, 2, 3]
+    day_ago = time.time() - 2 * 86_400
+    for v in (1, 2):
+        os.utime(os.path.join(folder, f"{v:012d}.json"), (day_ago, day_ago))
+    store.update_meta("m", lambda v: {"n": 12})
+    left = sorted(int(n[:-5]) for n in os.listdir(folder))
+    assert left == list(range(3, 14))
+    assert store.read_meta("m") == ({"n": 12}, 13)
+
+
+def test_local_meta_reader_lists_again_when_its_version_was_just_retired(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    for i in range(3):
+        store.update_meta("m", lambda v, i=i: {"n": i})
+    listing = store._meta_versions
+    calls = []
+
+    def stale_listing(name):
+        calls.append(name)
+        return [1] if len(calls) == 1 else listing(name)
+
+    open(os.path.join(store.root, "meta", "m", f"{1:012d}.json"), "w").close()  # retired
+    store._meta_versions = stale_listing
+    assert store.read_meta("m") == ({"n": 2}, 3)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("what", ["record.json", "dna.json", "heartbeat", "meta"])
 def test_local_fifo_in_place_of_a_file_never_hangs(tmp_path, what):
     """A FIFO opened blocking would hang status/report/replay forever; it must be refused."""

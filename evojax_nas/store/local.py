@@ -12,6 +12,7 @@ Layout under the root directory:
     tmp/                            work in progress; stale entries are removed by gc
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -34,7 +35,11 @@ from evojax_nas.store.base import Member, Store
 log = logging.getLogger(__name__)
 
 _DIRS = ("inds", "alive", "dead", "gone", "meta", "workers", "tmp")
-_META_KEEP = 8  # Old meta versions kept so that a slow compare-and-swap still sees its loss.
+_META_KEEP = 8  # Old meta versions kept readable so that a slow reader still finds its version.
+# A superseded meta version's file is emptied (a tombstone), not deleted, and stays this long:
+# while its name is taken, a compare-and-swap delayed past many newer versions cannot recreate
+# it and win with a stale value (its create fails, and it reports the conflict).
+_META_TOMBSTONE_SECONDS = 86_400.0
 _TMP_GRACE = 600.0  # Seconds before gc treats a tmp/ entry as left by a crashed publisher.
 _CLAIM_GRACE = 60.0  # Seconds before a claimed ID without a marker is an interrupted publication.
 
@@ -280,10 +285,19 @@ class LocalStore(Store):
 
     def read_meta(self, name: str) -> tuple[dict | None, Any]:
         _validate.check_id(name, "meta name")
-        versions = self._meta_versions(name)
-        if not versions:
-            return None, None
-        return self._read_json("meta", name, f"{versions[-1]:012d}.json"), versions[-1]
+        for _ in range(_META_KEEP):
+            versions = self._meta_versions(name)
+            if not versions:
+                return None, None
+            latest = f"{versions[-1]:012d}.json"
+            try:
+                st = os.lstat(self._path("meta", name, latest))
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    continue  # Superseded (a tombstone) since it was listed: list again.
+            except FileNotFoundError:
+                continue
+            return self._read_json("meta", name, latest), versions[-1]
+        raise CorruptObjectError(f"meta {name}: the latest version is empty")
 
     def write_meta(self, name: str, value: dict, expected_version: Any = None) -> None:
         _validate.check_id(name, "meta name")
@@ -298,11 +312,33 @@ class LocalStore(Store):
             self._path("meta", name, f"{new:012d}.json"), data
         ):
             raise ConcurrencyError(f"meta {name} changed (expected version {expected_version})")
+        now = time.time()
         for old in versions[:-_META_KEEP]:
-            try:
-                os.unlink(self._path("meta", name, f"{old:012d}.json"))
-            except FileNotFoundError:
-                pass
+            self._retire_meta_version(self._path("meta", name, f"{old:012d}.json"), now)
+
+    @staticmethod
+    def _retire_meta_version(path: str, now: float) -> None:
+        """Empties a superseded meta version (its name stays taken); deletes old tombstones."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return
+        except OSError:  # a symlink or FIFO in its place: remove the entry itself
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.unlink(path)
+            elif st.st_size:
+                os.ftruncate(fd, 0)
+            elif now - st.st_mtime > _META_TOMBSTONE_SECONDS:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
 
     def gc(self, grace_seconds: float) -> int:
         """Collects dead checkpoints, then (at most once per grace period, and never inside
