@@ -85,9 +85,9 @@ def run_worker_bench(args, root: str, lookahead: bool) -> dict:
     """Produces `args.children` children in a fresh store; returns the breakdown."""
     import dataclasses
 
+    from evojax_nas.app import open_run
     from evojax_nas.config import load_config
-    from evojax_nas.data import load_dataset
-    from evojax_nas.evolution import Worker, program_cache, run_worker, training_evaluator
+    from evojax_nas.evolution import Worker, run_worker
     from evojax_nas.programs import CompileCounter
     from evojax_nas.store import open_store
 
@@ -105,10 +105,10 @@ def run_worker_bench(args, root: str, lookahead: bool) -> dict:
     store.write_config(cfg.to_dict())
     timed = TimedStore(store)
     t0 = time.perf_counter()
-    dataset = load_dataset(cfg.dataset)
-    evaluator = training_evaluator(dataset, cfg, program_cache(store, cfg))
+    task = open_run(store).task  # the dataset, loaded as a worker process loads it
+    evaluator = task.evaluator()
     setup = time.perf_counter() - t0
-    worker = Worker(timed, cfg, 0, evaluator, dataset.image_shape[-1], dataset.num_classes)
+    worker = Worker(timed, task.cfg, 0, evaluator, task.input_channels, task.num_classes)
     with CompileCounter() as compiles:
         t0 = time.perf_counter()
         run_worker(worker, max_children=args.children, deadline=None, lookahead=lookahead)
@@ -150,16 +150,14 @@ def _tree_bytes(path: str) -> int:
 
 def second_worker(root: str) -> dict:
     """In a new process: loads the programs of every architecture of the run from its store."""
-    from evojax_nas.config import from_dict
-    from evojax_nas.data import load_dataset
+    from evojax_nas.app import open_run
     from evojax_nas.dna import from_dict as dna_from_dict
     from evojax_nas.evolution import program_cache, train_config
-    from evojax_nas.store import open_store
     from evojax_nas.train import DeviceData
 
-    store = open_store(root, create=False)
-    cfg = from_dict(store.read_config())
-    layout = DeviceData.upload(load_dataset(cfg.dataset), cfg.eval_batch_size).layout
+    run = open_run(root)
+    store, cfg = run.store, run.cfg
+    layout = DeviceData.upload(run.task.dataset, cfg.eval_batch_size).layout
     cache, tc = program_cache(store, cfg), train_config(cfg)
     seen, seconds, sources = set(), [], collections.Counter()
     for r in store.records():
