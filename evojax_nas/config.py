@@ -50,6 +50,10 @@ class EvolutionConfig:
     # Compile the next child's programs while the current child trains: true, false, or null
     # for automatic (on where the worker has an accelerator; off on a CPU).
     background_compile: bool | None = None
+    # A child still training after this many seconds saves its training state into the store
+    # (again every as many seconds, at a chunk boundary); a worker restarted after a preemption
+    # finishes it from there, bit for bit (evojax_nas/resume.py). 0 or null: off.
+    resume_interval_seconds: float | None = 300.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +103,17 @@ def validate_config(cfg: EvolutionConfig) -> EvolutionConfig:
     _check(
         cfg.background_compile in (True, False, None),
         f"background_compile must be true, false or null, got {cfg.background_compile!r}",
+    )
+    _check(
+        cfg.resume_interval_seconds is None
+        or (
+            isinstance(cfg.resume_interval_seconds, (int, float))
+            and not isinstance(cfg.resume_interval_seconds, bool)
+            and math.isfinite(cfg.resume_interval_seconds)
+            and cfg.resume_interval_seconds >= 0
+        ),
+        "resume_interval_seconds must be a finite number >= 0 (0: off) or null, "
+        f"got {cfg.resume_interval_seconds!r}",
     )
     _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed must be an int")
     if cfg.max_children is not None:

@@ -10,6 +10,7 @@ Every random choice comes from `event_key(seed, worker, event)`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 
 from evojax_nas import dna as dna_lib
+from evojax_nas import resume
 from evojax_nas.config import EvolutionConfig
 from evojax_nas.devices import device_info
 from evojax_nas.errors import (
@@ -31,14 +33,30 @@ from evojax_nas.errors import (
     NotFoundError,
     StoreError,
 )
-from evojax_nas.keys import INIT, MUTATE, SELECT, TRAIN, event_key, for_purpose, key_to_json  # noqa: F401
+from evojax_nas.keys import (  # noqa: F401
+    INIT,
+    MUTATE,
+    SELECT,
+    TRAIN,
+    event_key,
+    for_purpose,
+    key_from_json,
+    key_to_json,
+)
 from evojax_nas.model import flatten, variable_shapes
 from evojax_nas.mutations import MutationError
 from evojax_nas.programs import ProgramCache, SharedPrograms
 from evojax_nas.recipe import INITIAL_MUTATION, make_child, make_initial, plan_child
 from evojax_nas.state import CONTROL, MAX_MUTATIONS, SEEDED, Control, Record  # noqa: F401
 from evojax_nas.store import Member, Store
-from evojax_nas.train import DeviceData, TrainConfig, TrainResult, train_and_evaluate
+from evojax_nas.train import (
+    DeviceData,
+    OnChunk,
+    TrainConfig,
+    TrainResult,
+    TrainState,
+    train_and_evaluate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +206,7 @@ class Pending:
     mutation: dict
     replaces_parent: bool = False
     timings: dict = dataclasses.field(default_factory=dict)  # seconds of the first half
+    adopted: resume.Adopted | None = None  # a dead worker's child, resumed from its state
 
     @property
     def parent(self) -> str | None:
@@ -218,6 +237,8 @@ class Worker:
     children: int = 0
     seeded: bool = False  # the population has reached its set-point once (meta SEEDED)
     initials_in_flight: int = 0  # begun and not yet finished (with lookahead, at most one)
+    resume_scan_seconds: float = resume.SCAN_SECONDS  # how often `adopt` looks for orphans
+    _next_scan: float = 0.0
 
     def step(self) -> dict:
         """One whole event; returns a summary dict (also what the progress display shows)."""
@@ -258,6 +279,58 @@ class Worker:
         if ev.decision.kill is not None:
             summary |= {"killed": ev.decision.kill, "population": len(ev.members)}
         return summary
+
+    def resumes(self) -> bool:
+        """Whether this worker saves long children's state and adopts dead workers' children:
+        the run's `resume_interval_seconds` is set and its evaluator can resume training."""
+        interval = self.cfg.resume_interval_seconds
+        return bool(interval) and getattr(self.evaluate, "resumable", False)
+
+    def adopt(self) -> dict | None:
+        """Finishes one in-flight child of a dead (e.g. preempted) worker from its saved state.
+
+        Looks at most every `resume_scan_seconds` (and at once again after an adoption).
+        Returns the child's summary (as `finish` gives it, with "resumed"), or None when there
+        was nothing to adopt. A damaged saved state is reported and dropped; store failures
+        are logged; neither ends the worker.
+        """
+        now = time.monotonic()
+        if not self.resumes() or now < self._next_scan:
+            return None
+        self._next_scan = now + self.resume_scan_seconds
+        try:
+            found = resume.adopt(self.store, self.worker_id, self.evaluate.config)
+            if found is None:
+                return None
+        except NotImplementedError:  # a store without blobs: nothing was ever saved there
+            self._next_scan = math.inf
+            return None
+        except (StoreError, OSError) as exc:
+            log.warning("worker %d: looking for children to resume failed: %s", self.worker_id, exc)
+            return None
+        self._next_scan = 0.0  # there may be more
+        c = found.child
+        log.info("worker %d resumes %s at step %d", self.worker_id, c.id, found.step)
+        beat = {"event": c.event, "action": "resume", "target": c.id, "step": found.step}
+        members: list[Member] = []  # for the summary only: the child is ours to finish now
+        with contextlib.suppress(StoreError, OSError):
+            self.store.heartbeat(self.worker_id, beat | {"time": time.time()})
+            members = self.store.population()
+        ev = _Event(c.event, key_from_json(list(c.key)), members)
+        ev.decision = Decision(c.action, c.kill, c.parent)
+        pending = Pending(
+            ev,
+            c.id,
+            dna_lib.from_dict(c.dna),
+            found.variables,
+            c.mutation,
+            c.replaces_parent,
+            dict(c.timings),
+            adopted=found,
+        )
+        self.initials_in_flight += pending.parent is None
+        summary = self.finish(pending)
+        return summary | {"resumed": c.id, "resumed_at_step": found.step}
 
     def _first_half(self, ev: _Event) -> Pending:
         t0 = time.perf_counter()
@@ -373,15 +446,66 @@ class Worker:
             timings,
         )
 
+    def _checkpointer(self, p: Pending) -> resume.Checkpointer | None:
+        if not self.resumes():
+            return None
+        a, d = p.adopted, p.ev.decision
+        child = (
+            a.child
+            if a is not None
+            else resume.Child(
+                id=p.ind_id,
+                worker=self.worker_id,
+                event=p.ev.number,
+                key=tuple(key_to_json(p.ev.key)),
+                action=d.action,
+                parent=d.parent,
+                kill=d.kill,
+                dna=dna_lib.to_dict(p.dna),
+                mutation=p.mutation,
+                replaces_parent=p.replaces_parent,
+                timings=dict(p.timings),
+            )
+        )
+        return resume.Checkpointer(
+            self.store,
+            child,
+            p.params,
+            self.cfg.resume_interval_seconds,
+            owner=self.worker_id,
+            owner_index=a.owner_index if a is not None else 0,
+        )
+
     def _train_and_publish(self, p: Pending) -> dict:
+        saver = self._checkpointer(p)
+        try:
+            record = self._train_and_publish_once(p, saver)
+        except Exception:
+            if saver is not None:
+                saver.discard()  # the child is dropped or abandoned (not on KeyboardInterrupt)
+            raise
+        if saver is not None:
+            saver.discard()
+        return record
+
+    def _train_and_publish_once(self, p: Pending, saver: resume.Checkpointer | None) -> dict:
         key = p.ev.key
         start = time.time()
-        result = self.evaluate(p.dna, p.params, for_purpose(key, TRAIN))
+        train_key = for_purpose(key, TRAIN)
+        if saver is None:
+            result = self.evaluate(p.dna, p.params, train_key)
+        else:
+            a = p.adopted
+            begin = (a.step, a.state) if a is not None else None
+            result = self.evaluate(p.dna, p.params, train_key, start=begin, on_chunk=saver)
+        extra = {}
+        if p.adopted is not None:  # all else as its maker would have published it
+            extra["resumed"] = {"worker": self.worker_id, "step": p.adopted.step}
         record = Record(
             id=p.ind_id,
             parent=p.parent,
             mutation=p.mutation,
-            worker=self.worker_id,
+            worker=p.adopted.child.worker if p.adopted is not None else self.worker_id,
             event=p.ev.number,
             key=tuple(key_to_json(key)),
             seed=self.cfg.seed,
@@ -400,6 +524,7 @@ class Worker:
             timings={**p.timings, **result.timings},
             device=device_info(),  # platform and device kind that trained it
             born=time.time(),
+            extra=extra,
         ).to_json()
         self.store.publish(
             p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, result.variables
@@ -437,9 +562,20 @@ class TrainingEvaluator:
     data: DeviceData
     config: TrainConfig
     cache: ProgramCache
+    resumable = True  # takes `start` and `on_chunk` (`evojax_nas.resume`)
 
-    def __call__(self, dna: dna_lib.DNA, params: Any, key: jax.Array) -> TrainResult:
-        return train_and_evaluate(dna, params, self.data, key, self.config, self.cache)
+    def __call__(
+        self,
+        dna: dna_lib.DNA,
+        params: Any,
+        key: jax.Array,
+        *,
+        start: tuple[int, TrainState] | None = None,
+        on_chunk: OnChunk | None = None,
+    ) -> TrainResult:
+        return train_and_evaluate(
+            dna, params, self.data, key, self.config, self.cache, start=start, on_chunk=on_chunk
+        )
 
     def prefetch(self, dna: dna_lib.DNA) -> None:
         self.cache.prefetch(dna, self.data.layout, self.config)
@@ -517,10 +653,17 @@ def run_worker(
             on_event(summary)
         if worker.event % gc_every == 0:
             worker.store.gc(worker.cfg.gc_grace_seconds)
+            if worker.resumes():
+                resume.collect(worker.store)
 
     def begin_child(in_flight: int) -> Pending | None:
-        """Runs events until one begins a child (kills and abandoned events end at once)."""
+        """Runs events until one begins a child (kills and abandoned events end at once);
+        first finishes any child of a dead worker that it can adopt (`Worker.adopt`)."""
         while more(in_flight):
+            adopted = worker.adopt()
+            if adopted is not None:
+                emit(adopted)
+                continue
             summary, pending = worker.begin()
             if pending is not None:
                 return pending

@@ -7,6 +7,7 @@ a worker that dies unexpectedly, and stops them all however it ends itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -384,6 +385,10 @@ def _supervise(store, ctx, slots, events, progress, deadline, verbose) -> None:
                     "run with -v for their logs"
                 )
             restarts.append(now)
+            # It wrote no final heartbeat: mark it stopped, so that its child in flight is
+            # resumed at once (evojax_nas/resume.py) rather than once its heartbeat is old.
+            with contextlib.suppress(Exception):
+                store.heartbeat(slot.worker_id, {"stopped": now, "reason": "died", "time": now})
             wid = claim_worker_id(store)
             p = ctx.Process(
                 target=_worker_process,

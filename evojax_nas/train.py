@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,17 @@ def input_pipeline(layout: Layout, batch_size: int, count: int):
     return jax.jit(make_batches(layout.meta, batch_size, count))
 
 
+# Called after each chunk that leaves training unfinished and finite: (steps done, state).
+OnChunk = Callable[[int, TrainState], None]
+
+
+def initial_state(variables: Variables, config: TrainConfig) -> TrainState:
+    """The training state before the first step (fresh optimizer state), on the device."""
+    params = jax.device_put(variables["params"])
+    stats = jax.device_put(variables["batch_stats"])
+    return TrainState(params, stats, make_optimizer(config).init(params), jnp.asarray(False))
+
+
 def run_training(
     programs: Programs,
     variables: Variables,
@@ -126,26 +138,37 @@ def run_training(
     key: jax.Array,
     learning_rate: float,
     config: TrainConfig,
+    *,
+    start: tuple[int, TrainState] | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> tuple[TrainState, int, bool]:
     """Runs `config.steps` steps in compiled chunks; stops early once the loss is not finite.
 
-    A chunk never crosses an epoch boundary (each epoch has its own shuffle).
+    A chunk never crosses an epoch boundary (each epoch has its own shuffle). The chunks, each
+    epoch's shuffle and each step's augmentation depend only on the step and `key`, so training
+    resumed from the state an earlier run reached at a chunk boundary (`start`: steps done,
+    state) ends bit for bit where the uninterrupted run ends.
+
+    Args:
+        start: (steps done, training state) to continue from, e.g. what `on_chunk` was given;
+            None starts from `variables` with a fresh optimizer state.
+        on_chunk: called with (steps done, state) after every chunk that leaves training
+            unfinished and finite (`evojax_nas.resume` saves the state there).
     """
     n_train = data.layout.train_shape[0]
     if n_train < config.batch_size:
         raise DataError(
             f"{n_train} training examples is fewer than one batch of {config.batch_size}"
         )
-    params = jax.device_put(variables["params"])
-    stats = jax.device_put(variables["batch_stats"])
-    state = TrainState(params, stats, make_optimizer(config).init(params), jnp.asarray(False))
+    step, state = start if start is not None else (0, initial_state(variables, config))
+    state = jax.device_put(state)
     shuffle_key, aug_key = jax.random.split(key)
     per_epoch = n_train // config.batch_size
     k = chunk_length(data.layout, config)
     batches = input_pipeline(data.layout, config.batch_size, k)
-    lr, step = np.float32(learning_rate), 0
+    lr, perm = np.float32(learning_rate), None
     while step < config.steps:
-        if step % per_epoch == 0:
+        if perm is None or step % per_epoch == 0:
             perm = _permutation(jax.random.fold_in(shuffle_key, step // per_epoch), n_train)
         n = min(k, per_epoch - step % per_epoch, config.steps - step)
         xb, yb = batches(data.x_train, data.y_train, perm, np.int32(step), aug_key)
@@ -153,6 +176,8 @@ def run_training(
         step += n
         if bool(state.bad):
             return state, step, True
+        if on_chunk is not None and step < config.steps:
+            on_chunk(step, state)
     return state, step, False
 
 
@@ -170,12 +195,17 @@ def train_and_evaluate(
     key: jax.Array,
     config: TrainConfig,
     cache: ProgramCache | None = None,
+    *,
+    start: tuple[int, TrainState] | None = None,
+    on_chunk: OnChunk | None = None,
 ) -> TrainResult:
     """Trains one individual and measures its fitness (validation accuracy) and cost.
 
     Args:
         data: a `DeviceData` (a worker uploads it once), or a `Dataset`, uploaded here.
         cache: where compiled programs come from; a new in-memory one if None.
+        start, on_chunk: resume from a saved state; see each chunk's state (`run_training`).
+            `variables` stays the child's untrained variables (returned if it diverges).
 
     A diverged run (non-finite loss) ends early with fitness 0 and `diverged=True`, returning
     the variables it started from; it never raises.
@@ -187,7 +217,7 @@ def train_and_evaluate(
     programs = cache.get(dna, data.layout, config)
     t1 = time.perf_counter()
     state, steps_run, diverged = run_training(
-        programs, variables, data, key, dna.learning_rate, config
+        programs, variables, data, key, dna.learning_rate, config, start=start, on_chunk=on_chunk
     )
     jax.block_until_ready(state)
     t2 = time.perf_counter()

@@ -5,6 +5,7 @@ started, by PID, in a `finally`.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,3 +166,7 @@ def test_a_worker_that_dies_is_restarted(launch, tmp_path):
     assert proc.returncode == 0, stderr
     assert "died (signal 9); restarted as worker" in stdout
     assert "done: 14 children" in stdout
+    # evolve marked the dead worker stopped: its child in flight can be resumed at once
+    dead = int(re.search(r"worker (\d+) died \(signal 9\)", stdout).group(1))
+    beats = {w["worker"]: w for w in open_store(str(run), create=False).workers()}
+    assert beats[dead].get("stopped") and beats[dead].get("reason") == "died", beats[dead]

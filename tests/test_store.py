@@ -741,3 +741,35 @@ def test_local_records_never_double_count_while_others_kill(tmp_path):
     finally:
         t.join()
     assert not any(r["alive"] for r in store.records())
+
+
+def test_blobs_list_create_only_and_delete(store):
+    """Blobs (compiled programs, in-flight children's state) on both backends: create-only,
+    listed under `<dir>` or `<dir>/<key>`, deleted one by one; names are validated."""
+    store.write_blob("resume/w000-e000001/child.json", b"{}")
+    store.write_blob("resume/w000-e000001/state-1.npz", b"abc")
+    store.write_blob("resume/w001-e000002/child.json", b"{}")
+    store.write_blob("programs/k1/meta.json", b"{}")
+    with pytest.raises(ConcurrencyError):
+        store.write_blob("resume/w000-e000001/child.json", b"other")
+    assert store.read_blob("resume/w000-e000001/child.json", 16) == b"{}"
+    assert store.list_blobs("resume") == [
+        "resume/w000-e000001/child.json",
+        "resume/w000-e000001/state-1.npz",
+        "resume/w001-e000002/child.json",
+    ]
+    assert store.list_blobs("resume/w000-e000001") == [
+        "resume/w000-e000001/child.json",
+        "resume/w000-e000001/state-1.npz",
+    ]
+    assert store.list_blobs("resume/nobody") == []
+    for name in store.list_blobs("resume/w000-e000001"):
+        store.delete_blob(name)
+    assert store.list_blobs("resume") == ["resume/w001-e000002/child.json"]
+    store.write_blob("resume/w000-e000001/child.json", b"again")  # its folder was emptied
+    assert store.read_blob("resume/w000-e000001/child.json", 16) == b"again"
+    for bad in ("inds", "resume/../x", "resume/a/b", "", 3):
+        with pytest.raises(StoreError):
+            store.list_blobs(bad)
+    with pytest.raises(StoreError):
+        store.write_blob("inds/x/ckpt", b"")

@@ -167,6 +167,9 @@ class RetryingStore(Store):
     def delete_blob(self, name):
         return self._call("delete_blob", name)
 
+    def list_blobs(self, prefix):
+        return self._call("list_blobs", prefix)
+
 
 def retrying(store: Store, **retry_options: Any) -> Store:
     """`store`, each of whose calls waits out transient failures (see RetryingStore)."""

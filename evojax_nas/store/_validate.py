@@ -207,14 +207,26 @@ def publication(
     return fitness, dna_bytes, dumps(record, "record")
 
 
-BLOB_DIR = "programs"  # the only top-level folder blobs may live in
+BLOB_DIR = "programs"  # compiled programs (`evojax_nas.programs`)
+RESUME_DIR = "resume"  # in-flight children's training state (`evojax_nas.resume`)
+BLOB_DIRS = (BLOB_DIR, RESUME_DIR)  # the only top-level folders blobs may live in
 
 
 def blob_parts(name: object) -> list[str]:
-    """The path segments of a blob name `programs/<key>/<file>`; StoreError if unsafe."""
+    """The path segments of a blob name `<dir>/<key>/<file>`; StoreError if unsafe."""
     parts = name.split("/") if isinstance(name, str) else []
-    if len(parts) != 3 or parts[0] != BLOB_DIR:
-        raise StoreError(f"invalid blob name {name!r}: expected {BLOB_DIR}/<key>/<file>")
+    if len(parts) != 3 or parts[0] not in BLOB_DIRS:
+        raise StoreError(f"invalid blob name {name!r}: expected {'|'.join(BLOB_DIRS)}/<key>/<file>")
+    for part in parts[1:]:
+        check_id(part, "blob name segment")
+    return parts
+
+
+def blob_prefix(prefix: object) -> list[str]:
+    """The segments of a blob listing prefix, `<dir>` or `<dir>/<key>`; StoreError if unsafe."""
+    parts = prefix.split("/") if isinstance(prefix, str) else []
+    if not 1 <= len(parts) <= 2 or parts[0] not in BLOB_DIRS:
+        raise StoreError(f"invalid blob prefix {prefix!r}: expected <dir> or <dir>/<key>")
     for part in parts[1:]:
         check_id(part, "blob name segment")
     return parts

@@ -194,11 +194,12 @@ class Store(abc.ABC):
         except StoreError:
             return False  # killed meanwhile, or it cannot be killed: either way it is out
 
-    # Blobs: immutable files shared by the run's workers (compiled programs). Create-only, so a
-    # blob once visible never changes; a backend that cannot hold them raises NotImplementedError.
+    # Blobs: immutable files shared by the run's workers (compiled programs, the training state
+    # of children in flight). Create-only, so a blob once visible never changes, and a blob is
+    # visible whole or not at all; a backend that cannot hold them raises NotImplementedError.
 
     def write_blob(self, name: str, data: bytes) -> None:
-        """Creates blob `name` (`programs/<key>/<file>`) holding `data`.
+        """Creates blob `name` (`programs/<key>/<file>` or `resume/<key>/<file>`) holding `data`.
 
         Raises:
             ConcurrencyError: the blob exists already.
@@ -216,4 +217,11 @@ class Store(abc.ABC):
 
     def delete_blob(self, name: str) -> None:
         """Deletes blob `name` if it exists (releases a claim)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no blobs")
+
+    def list_blobs(self, prefix: str) -> list[str]:
+        """The names of the blobs under `prefix` (`<dir>` or `<dir>/<key>`), sorted.
+
+        One listing request per page; names that are not valid blob names are skipped.
+        """
         raise NotImplementedError(f"{type(self).__name__} holds no blobs")

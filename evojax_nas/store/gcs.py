@@ -9,6 +9,7 @@ Layout under the prefix:
                                 rewrites it (compare-and-swap) with metadata collected=1
     meta/<name>.json            compare-and-swap on the object generation
     workers/<n>.json            heartbeats (plain overwrite)
+    programs/, resume/          blobs (create-only): compiled programs, in-flight children
 
 Only uploads carry preconditions (the emulator ignores them on delete/copy/rewrite/compose).
 Retries: reads, listings, deletes and uploads of immutable or last-writer-wins content are
@@ -289,6 +290,18 @@ class GCSStore(GCSRecordsMixin, Store):
 
     def delete_blob(self, name: str) -> None:
         self._delete("/".join(_validate.blob_parts(name)))
+
+    def list_blobs(self, prefix: str) -> list[str]:
+        rel = "/".join(_validate.blob_prefix(prefix)) + "/"
+        out = []
+        for blob in self._list(rel):
+            name = self._rel(blob, "")
+            try:
+                _validate.blob_parts(name)
+            except StoreError:
+                continue
+            out.append(name)
+        return sorted(out)
 
 
 def _safe_path(root: str, rel: str, what: str) -> str:

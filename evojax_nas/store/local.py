@@ -10,6 +10,8 @@ Layout under the root directory:
     meta/<name>/<version>.json      versions created with link(); compare-and-swap by version
     workers/<n>.json                heartbeats, replaced atomically
     tmp/                            work in progress; stale entries are removed by gc
+    programs/<key>/<file>           blobs: compiled programs (create-only, link())
+    resume/<child id>/<file>        blobs: training state of children in flight
 """
 
 import contextlib
@@ -425,10 +427,17 @@ class LocalStore(Store):
 
     def write_blob(self, name: str, data: bytes) -> None:
         parts = _validate.blob_parts(name)
-        os.makedirs(self._path(*parts[:-1]), exist_ok=True)
-        if not self._real_dir(*parts[:-1]):
-            raise CorruptObjectError(f"{self._path(*parts[:-1])} is not a plain directory")
-        if not self._create_file(self._path(*parts), data):
+        for attempt in range(2):  # a delete_blob may remove an emptied resume/<key>/ meanwhile
+            os.makedirs(self._path(*parts[:-1]), exist_ok=True)
+            if not self._real_dir(*parts[:-1]):
+                raise CorruptObjectError(f"{self._path(*parts[:-1])} is not a plain directory")
+            try:
+                created = self._create_file(self._path(*parts), data)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+        if not created:
             raise ConcurrencyError(f"blob {name} already exists in {self.url}")
 
     def read_blob(self, name: str, max_bytes: int) -> bytes:
@@ -440,6 +449,27 @@ class LocalStore(Store):
         self.requests += 1
         if self._real_dir(*parts[:-1]):
             _unlink(self._path(*parts))
+            if parts[0] == _validate.RESUME_DIR:  # a finished child leaves no empty folder
+                try:
+                    os.rmdir(self._path(*parts[:-1]))
+                except OSError:
+                    pass  # not empty
+
+    def list_blobs(self, prefix: str) -> list[str]:
+        parts = _validate.blob_prefix(prefix)
+        keys = [parts[1]] if len(parts) == 2 else sorted(self._listdir(parts[0]))
+        out = []
+        for key in keys:
+            if not _validate.ID_RE.match(key) or not self._real_dir(parts[0], key):
+                continue  # never follows a symlink out of the store
+            for file in self._listdir(parts[0], key):
+                name = f"{parts[0]}/{key}/{file}"
+                try:
+                    _validate.blob_parts(name)
+                except StoreError:
+                    continue
+                out.append(name)
+        return sorted(out)
 
 
 def _unlink(path: str) -> None:
