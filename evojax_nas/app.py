@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 from evojax_nas.config import EvolutionConfig, from_dict
+from evojax_nas.errors import ConcurrencyError, EvojaxNasError
+from evojax_nas.state import CONTROL, HISTORY, Control
+from evojax_nas.steering import Adjustment, steer
 from evojax_nas.store import Store, open_store, retrying
 
 
@@ -81,3 +85,46 @@ def open_run(where: str | Store, *, retry: bool = False) -> Run:
     if retry:
         store = retrying(store)
     return Run(store, from_dict(store.read_config()))
+
+
+def adjust(store: Store, change: Adjustment, *, now: float | None = None) -> Control:
+    """Steers a live run (`steering.steer`); workers apply the change at their next step.
+
+    Writes the run's control meta and appends the change to its history (drawn on Figure 1),
+    each with compare-and-swap.
+
+    Args:
+        store: the run's store.
+        change: what to change.
+        now: the time of the change (tests); default `time.time()`.
+
+    Returns:
+        The new control.
+
+    Raises:
+        EvojaxNasError: nothing to change, a bad value, too many concurrent writers.
+        NotFoundError: no run at `store`.
+    """
+    change.check()  # before reading anything: a bad request is the clearer error
+    store.read_config()  # NotFoundError (a user error) when there is no run here
+    now = time.time() if now is None else now
+    events: tuple[dict, ...] = ()
+
+    def new_control(value: dict | None) -> dict:
+        nonlocal events  # a retried compare-and-swap recomputes both
+        control, events = steer(Control.from_json(value), change, now)
+        return control.to_json()
+
+    control = Control.from_json(_update_meta(store, CONTROL, new_control))
+    _update_meta(store, HISTORY, lambda h: {"events": [*(h or {}).get("events", []), *events]})
+    return control
+
+
+def _update_meta(store: Store, name: str, change) -> dict:
+    """`Store.update_meta`, a lost race on every attempt reported as a user error."""
+    try:
+        return store.update_meta(name, change, pause=0.05)
+    except ConcurrencyError:
+        raise EvojaxNasError(
+            f"could not update {name} of {store.url}: too many concurrent writers"
+        ) from None

@@ -9,89 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
 from evojax_nas.cli_common import STORE_HELP
-from evojax_nas.errors import ConcurrencyError, EvojaxNasError
 from evojax_nas.stall import summary_lines as stall_lines
-from evojax_nas.state import CONTROL, HISTORY, MAX_MUTATIONS
-from evojax_nas.store import Store
-
-
-def _update_meta(store: Store, name: str, change) -> dict:
-    """Read-modify-write of a meta file (compare-and-swap), as a user error when it fails."""
-    try:
-        return store.update_meta(name, lambda v: change(dict(v or {})), pause=0.05)
-    except ConcurrencyError:
-        raise EvojaxNasError(
-            f"could not update {name} of {store.url}: too many concurrent writers"
-        ) from None
-
-
-def adjust(
-    store: Store,
-    *,
-    mutations_per_child: int | None = None,
-    for_minutes: float | None = None,
-    reset_all_weights: bool = False,
-    now: float | None = None,
-) -> dict[str, Any]:
-    """Steers a live run; workers apply the change at their next step.
-
-    Args:
-        store: the run's store.
-        mutations_per_child: mutations applied to each child from now on (the paper's period
-            of increased mutation rate); the run's config value restores the normal rate.
-        for_minutes: length of that period; None means until changed again.
-        reset_all_weights: every lineage's next child starts from fresh weights (the paper's
-            population-wide weight reset).
-        now: the time of the change (tests); default `time.time()`.
-
-    Returns:
-        The new control dict.
-
-    Raises:
-        EvojaxNasError: nothing to change, a bad value, or no run at `store`.
-    """
-    if mutations_per_child is None and not reset_all_weights:
-        raise EvojaxNasError(
-            "nothing to adjust: give --mutations-per-child K or --reset-all-weights"
-        )
-    if mutations_per_child is not None and not 1 <= mutations_per_child <= MAX_MUTATIONS:
-        raise EvojaxNasError(
-            f"--mutations-per-child must be between 1 and {MAX_MUTATIONS}, got "
-            f"{mutations_per_child}"
-        )
-    if for_minutes is not None and (mutations_per_child is None or for_minutes <= 0):
-        raise EvojaxNasError("--for-minutes needs --mutations-per-child and a positive value")
-    store.read_config()  # NotFoundError (a user error) when there is no run here
-    now = time.time() if now is None else now
-    events = []
-
-    def change(control: dict) -> dict:
-        events.clear()  # a retried compare-and-swap runs this again
-        if mutations_per_child is not None:
-            control["mutations_per_child"] = mutations_per_child
-            control.pop("mutations_until", None)
-            if for_minutes is not None:
-                control["mutations_until"] = now + 60 * for_minutes
-            events.append(
-                {
-                    "time": now,
-                    "kind": "mutation_rate",
-                    "mutations_per_child": mutations_per_child,
-                    "until": control.get("mutations_until"),
-                }
-            )
-        if reset_all_weights:
-            control["reset_at"] = now
-            events.append({"time": now, "kind": "weight_reset"})
-        return control
-
-    control = _update_meta(store, CONTROL, change)
-    _update_meta(store, HISTORY, lambda h: {"events": [*h.get("events", []), *events]})
-    return control
 
 
 def add_command(sub) -> None:
@@ -169,15 +90,13 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_adjust(args: argparse.Namespace) -> int:
+    from evojax_nas.app import adjust
+    from evojax_nas.steering import Adjustment
     from evojax_nas.store import open_store
 
-    control = adjust(
-        open_store(args.store, create=False),
-        mutations_per_child=args.mutations_per_child,
-        for_minutes=args.for_minutes,
-        reset_all_weights=args.reset_all_weights,
-    )
-    print(f"control of {args.store} is now {json.dumps(control, sort_keys=True)}")
+    change = Adjustment(args.mutations_per_child, args.for_minutes, args.reset_all_weights)
+    control = adjust(open_store(args.store, create=False), change)
+    print(f"control of {args.store} is now {json.dumps(control.to_json(), sort_keys=True)}")
     print("workers apply it at their next step; it is recorded in the run's history")
     return 0
 

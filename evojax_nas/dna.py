@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from evojax_nas.architecture import VertexShape, resolve
 from evojax_nas.errors import DNAError
 
 VERTEX_KINDS = ("linear", "bn_relu")
@@ -229,22 +230,7 @@ def _check_edge(e: Edge, vertices: Mapping[int, Vertex]) -> None:
 
 def topological_order(dna: DNA) -> list[int]:
     """Vertex IDs in an order where every edge goes forward; DNAError on a cycle."""
-    indegree = {v.id: 0 for v in dna.vertices}
-    for e in dna.edges:
-        indegree[e.dst] += 1
-    ready = sorted(v for v, d in indegree.items() if d == 0)
-    order: list[int] = []
-    while ready:
-        vid = ready.pop(0)
-        order.append(vid)
-        for e in sorted(dna.out_edges(vid), key=lambda e: e.dst):
-            indegree[e.dst] -= 1
-            if indegree[e.dst] == 0:
-                ready.append(e.dst)
-    if len(order) != len(dna.vertices):
-        stuck = sorted(set(indegree) - set(order))
-        raise DNAError(f"the graph has a cycle through vertices {stuck}")
-    return order
+    return list(resolve(dna).order)
 
 
 def backbone(dna: DNA) -> list[int]:
@@ -305,7 +291,7 @@ def validate(dna: DNA) -> DNA:
     used = max([*vertices, *edge_ids])
     if dna.next_id <= used:
         raise DNAError(f"next_id {dna.next_id} must exceed every ID in use (max {used})")
-    topological_order(dna)
+    resolve(dna)  # the cycle check; the resolution is cached for the model and inheritance
     _check_connectivity(dna)
     return dna
 
@@ -313,27 +299,9 @@ def validate(dna: DNA) -> DNA:
 # --------------------------------------------------------------------------- shapes
 
 
-@dataclasses.dataclass(frozen=True)
-class VertexShape:
-    """A vertex's activation shape relative to the input: 2**-scale_log2 of its size, `depth`."""
-
-    scale_log2: int
-    depth: int
-
-
 def vertex_shapes(dna: DNA) -> dict[int, VertexShape]:
     """Resolves every vertex's scale and depth from its primary incoming edge (DESIGN §2)."""
-    shapes: dict[int, VertexShape] = {}
-    for vid in topological_order(dna):
-        if dna.vertex(vid).role == "input":
-            shapes[vid] = VertexShape(0, dna.input_channels)
-            continue
-        primary = dna.in_edges(vid)[0]
-        src = shapes[primary.src]
-        shapes[vid] = VertexShape(
-            src.scale_log2 + primary.stride_log2, primary.out_depth(src.depth)
-        )
-    return shapes
+    return dict(resolve(dna).shapes)
 
 
 def spatial_size(size: int, scale_log2: int) -> int:
@@ -348,7 +316,7 @@ def architecture_key(dna: DNA) -> str:
 
     Two DNAs whose float-stored numbers round to the same values share a key.
     """
-    shapes = vertex_shapes(dna)
+    shapes = resolve(dna).shapes
     edges = []
     for e in sorted(dna.edges, key=lambda e: e.id):
         item = [e.id, e.src, e.dst, e.kind, e.precedence]
@@ -470,7 +438,7 @@ def for_data(dna: DNA, input_channels: int, num_classes: int) -> DNA:
 
 def describe(dna: DNA) -> str:
     """The backbone as text: `Input → C3x3/2(32)+BN+R → … → Global Pool → Output`."""
-    shapes = vertex_shapes(dna)
+    shapes = resolve(dna).shapes
     parts = ["Input"]
     path = backbone(dna)
     for vid in path[:-1]:

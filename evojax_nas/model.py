@@ -1,13 +1,10 @@
 """The Flax module generated from a DNA, and cheap creation of its variables.
 
 Variable names carry the IDs of the DNA elements they belong to, which is what weight
-inheritance matches on:
-    params/conv_e{edge id}/kernel        (kh, kw, in depth, out depth), no bias
-    params/bn_v{vertex id}/scale, bias   (depth,)
-    batch_stats/bn_v{vertex id}/mean, var
-    params/output/kernel, bias           (output vertex depth, classes), (classes,)
-Variables are created on the host from shapes computed from the DNA alone (microseconds), never
-by tracing the module eagerly, which costs seconds per architecture (DESIGN §6).
+inheritance matches on; they and their shapes come from the DNA's resolved architecture
+(`evojax_nas.architecture`, which lists them). Variables are created on the host from shapes
+computed from the DNA alone (microseconds), never by tracing the module eagerly, which costs
+seconds per architecture (DESIGN §6).
 """
 
 from __future__ import annotations
@@ -21,21 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
 from evojax_nas.conv import Conv, resolve_impl
-from evojax_nas.dna import DNA, topological_order, vertex_shapes
+from evojax_nas.dna import DNA
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-3
 
 Variables = dict[str, dict[str, dict[str, Any]]]
-
-
-def conv_name(edge_id: int) -> str:
-    return f"conv_e{edge_id}"
-
-
-def bn_name(vertex_id: int) -> str:
-    return f"bn_v{vertex_id}"
 
 
 def nearest_resize(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -86,17 +76,15 @@ class DNANet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        dna = self.dna
-        shapes = vertex_shapes(dna)
+        arch = resolve(self.dna)
         acts: dict[int, jax.Array] = {}
-        for vid in topological_order(dna):
-            vertex = dna.vertex(vid)
+        for vid in arch.order:
+            vertex = arch.vertices[vid]
             if vertex.role == "input":
                 h = x
             else:
-                inputs = [
-                    self._edge(e, acts[e.src], shapes[e.dst].depth) for e in dna.in_edges(vid)
-                ]
+                depth = arch.shapes[vid].depth
+                inputs = [self._edge(e, acts[e.src], depth) for e in arch.inputs[vid]]
                 h = resolve_inputs(inputs[0], inputs[1:])
             if vertex.kind == "bn_relu":
                 h = nn.BatchNorm(
@@ -107,8 +95,8 @@ class DNANet(nn.Module):
                 )(h)
                 h = nn.relu(h)
             acts[vid] = h
-        pooled = jnp.mean(acts[dna.output_vertex.id], axis=(1, 2))
-        return nn.Dense(dna.num_classes, name="output")(pooled)
+        pooled = jnp.mean(acts[arch.output_id], axis=(1, 2))
+        return nn.Dense(self.dna.num_classes, name=OUTPUT)(pooled)
 
     def _edge(self, edge, x: jax.Array, depth: int) -> jax.Array:
         if not edge.is_conv:
@@ -129,27 +117,7 @@ class DNANet(nn.Module):
 
 def variable_shapes(dna: DNA) -> dict[tuple[str, str, str], tuple[int, ...]]:
     """Every variable's shape, keyed by (collection, module, name), from the DNA alone."""
-    shapes = vertex_shapes(dna)
-    out: dict[tuple[str, str, str], tuple[int, ...]] = {}
-    for e in dna.conv_edges():
-        kh, kw = e.filter_shape
-        out["params", conv_name(e.id), "kernel"] = (
-            kh,
-            kw,
-            shapes[e.src].depth,
-            shapes[e.dst].depth,
-        )
-    for v in dna.vertices:
-        if v.kind == "bn_relu":
-            d = (shapes[v.id].depth,)
-            out["params", bn_name(v.id), "scale"] = d
-            out["params", bn_name(v.id), "bias"] = d
-            out["batch_stats", bn_name(v.id), "mean"] = d
-            out["batch_stats", bn_name(v.id), "var"] = d
-    final = shapes[dna.output_vertex.id].depth
-    out["params", "output", "kernel"] = (final, dna.num_classes)
-    out["params", "output", "bias"] = (dna.num_classes,)
-    return out
+    return dict(resolve(dna).variables)
 
 
 def _rng_for(key: jax.Array, name: tuple[str, ...]) -> np.random.Generator:
@@ -169,12 +137,13 @@ def fresh_variable(dna: DNA, name: tuple[str, str, str], shape, key: jax.Array) 
     if leaf in ("bias", "mean"):
         return np.zeros(shape, np.float32)
     fan_in = int(np.prod(shape[:-1]))
-    if module == "output":
+    if module == OUTPUT:
         std = np.sqrt(1.0 / fan_in)
     else:
-        edge = dna.edge(int(module.removeprefix("conv_e")))
+        arch = resolve(dna)
+        edge = arch.conv_modules[module]
         # He init, scaled down when several edges are summed into the destination vertex.
-        std = np.sqrt(2.0 / fan_in) / np.sqrt(len(dna.in_edges(edge.dst)))
+        std = np.sqrt(2.0 / fan_in) / np.sqrt(len(arch.inputs[edge.dst]))
     return (_rng_for(key, name).standard_normal(shape) * std).astype(np.float32)
 
 

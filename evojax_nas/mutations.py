@@ -26,10 +26,10 @@ import numpy as np
 
 from evojax_nas import dna as dna_lib
 from evojax_nas import model
+from evojax_nas.architecture import Name
 from evojax_nas.dna import BACKBONE, DNA, SKIP, Edge, Vertex
 from evojax_nas.errors import EvojaxNasError
 
-Name = tuple[str, str, str]  # (collection, module, leaf), as in `model.variable_shapes`
 Draws = tuple[float, ...]  # uniforms in [0, 1) that decide an edit's random choices
 Mutation = Callable[[DNA, model.Variables, jax.Array], tuple[DNA, model.Variables]]
 

@@ -5,6 +5,8 @@ accuracy; only its *test* accuracy is reported. Evolution never sees the test sp
 (with `compare` and `export`, which use it) is the only code that calls
 `data.load_test_split`. Test accuracies are cached in the store (meta `test-accuracy`), so a
 second report on the same run does no evaluation at all and does not even load the data.
+A report or an export works over one `RunView`: the records read once, each DNA and checkpoint
+at most once.
 """
 
 from __future__ import annotations
@@ -54,15 +56,51 @@ def trained_records(store: Store) -> list[dict]:
     return records
 
 
+class RunView:
+    """One loaded view of a run, what a report or an export reads: the config and the trained
+    records are read once; each individual's DNA and weights at most once.
+
+    Weights are kept only for the IDs in `keep` (the ensemble's members, used more than once);
+    others are read, used and dropped, so a long Figure 2 series does not pile up in memory.
+    """
+
+    def __init__(self, store: Store):
+        """Reads the run's config (first: "no run here" is the clearer error), then records."""
+        self.run = open_run(store)
+        self.store, self.cfg = store, self.run.cfg
+        self.records = trained_records(store)
+        self.keep: set[str] = set()
+        self._dnas: dict[str, dna_lib.DNA] = {}
+        self._weights: dict[str, dict | None] = {}  # kept weights, and None for collected ones
+
+    def dna(self, ind_id: str) -> dna_lib.DNA:
+        if ind_id not in self._dnas:
+            self._dnas[ind_id] = dna_lib.from_dict(self.store.read_dna(ind_id))
+        return self._dnas[ind_id]
+
+    def weights(self, ind_id: str) -> dict | None:
+        """An individual's variables, or None when they were collected."""
+        if ind_id in self._weights:
+            return self._weights[ind_id]
+        try:
+            variables = self.store.read_params(ind_id)
+        except (NotFoundError, CheckpointError) as exc:
+            log.info("no weights for %s: %s", ind_id, exc)
+            variables = None
+        if variables is None or ind_id in self.keep:
+            self._weights[ind_id] = variables
+        return variables
+
+
 class TestEvaluator:
     """Measures individuals on the test split; loads data and compiles only when needed."""
 
-    def __init__(self, store: Store):
-        """Binds to a run; nothing is loaded until the first evaluation."""
-        self.run = open_run(store)
-        self.store, self.cfg = store, self.run.cfg
+    def __init__(self, view: RunView):
+        """Binds to a run's view; nothing is loaded until the first evaluation."""
+        self.view, self.cfg = view, view.cfg
         self._data: tuple[Any, np.ndarray, np.ndarray] | None = None
         self._predictors: dict[str, Any] = {}
+        self._probabilities: dict[str, np.ndarray | None] = {}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -74,7 +112,7 @@ class TestEvaluator:
 
     def _load(self) -> tuple[Any, np.ndarray, np.ndarray]:
         if self._data is None:
-            ds = self.run.task.dataset
+            ds = self.view.run.task.dataset
             x, y = data_lib.load_test_split(self.cfg.dataset, data_dir=self.cfg.data_dir)
             log.info("test split of %s: %d images (reporting only)", self.cfg.dataset, len(y))
             self._data = (ds, x, np.asarray(y))
@@ -82,17 +120,16 @@ class TestEvaluator:
 
     def member(self, ind_id: str) -> tuple[dna_lib.DNA, dict] | None:
         """(DNA, variables) of an individual, or None if its weights were collected."""
-        try:
-            variables = self.store.read_params(ind_id)
-        except (NotFoundError, CheckpointError) as exc:
-            log.info("no weights for %s: %s", ind_id, exc)
-            return None
-        if variables is None:
-            return None
-        return dna_lib.from_dict(self.store.read_dna(ind_id)), variables
+        variables = self.view.weights(ind_id)
+        return None if variables is None else (self.view.dna(ind_id), variables)
 
     def probabilities(self, ind_id: str) -> np.ndarray | None:
-        """Test-set class probabilities of an individual, or None without weights."""
+        """Test-set class probabilities of an individual (computed once), None without weights."""
+        if ind_id not in self._probabilities:
+            self._probabilities[ind_id] = self._predict(ind_id)
+        return self._probabilities[ind_id]
+
+    def _predict(self, ind_id: str) -> np.ndarray | None:
         found = self.member(ind_id)
         if found is None:
             return None
@@ -148,22 +185,23 @@ def individual_accuracy(ind_id: str, evaluator: TestEvaluator, cache: TestCache)
     return cache.individuals[ind_id]
 
 
-def ensemble_members(store: Store, records: Sequence[dict], k: int) -> list[dict]:
-    """The top-k by validation among individuals whose weights are still stored."""
+def ensemble_members(view: RunView, k: int) -> list[dict]:
+    """The top-k by validation among individuals whose weights are still stored.
+
+    Their weights, read here to check they exist, stay in `view` for the evaluation and export.
+    """
     if k < 1:
         raise ReportError(f"--ensemble must be at least 1, got {k}")
     out = []
-    for r in ranked(records):
+    for r in ranked(view.records):
         if len(out) == k:
             break
-        if r.get("alive"):  # a live individual's checkpoint is never collected
+        view.keep.add(r["id"])
+        # A live individual's checkpoint is never collected: it is read when used, not here.
+        if r.get("alive") or view.weights(r["id"]) is not None:
             out.append(r)
-            continue
-        try:
-            if store.read_params(r["id"]) is not None:
-                out.append(r)
-        except (NotFoundError, CheckpointError):
-            continue
+        else:
+            view.keep.discard(r["id"])
     return out
 
 
@@ -203,22 +241,27 @@ def progress_series(records: Sequence[dict], evaluator, cache) -> list[dict]:
 
 def run_summary(store: Store, k: int = 1) -> dict[str, Any]:
     """Measures a run (no files written): the numbers of `evojax-nas report --json`."""
-    evaluator = TestEvaluator(store)  # reads the config first: "no run here" is clearer
-    records = trained_records(store)
-    cache = TestCache(store, evaluator.cfg.dataset)
+    view = RunView(store)
+    return summarize(view, TestEvaluator(view), k)
+
+
+def summarize(view: RunView, evaluator: TestEvaluator, k: int) -> dict[str, Any]:
+    """`run_summary` over a loaded view (and its evaluator, which keeps what it computed)."""
+    records, cfg = view.records, view.cfg
+    cache = TestCache(view.store, cfg.dataset)
+    members = ensemble_members(view, k)  # first: their weights are then read once, and kept
     series = progress_series(records, evaluator, cache)
     best = ranked(records)[0]
-    members = ensemble_members(store, records, k)
     summary = {
-        "store": store.url,
-        "dataset": evaluator.cfg.dataset,
-        "selection": evaluator.cfg.selection,
-        "inheritance": evaluator.cfg.inheritance,
-        "seed": evaluator.cfg.seed,
+        "store": view.store.url,
+        "dataset": cfg.dataset,
+        "selection": cfg.selection,
+        "inheritance": cfg.inheritance,
+        "seed": cfg.seed,
         "best_id": best["id"],
         "best_val_accuracy": best["val_accuracy"],
         "best_test_accuracy": individual_accuracy(best["id"], evaluator, cache),
-        "best_architecture": paper_diagram(dna_lib.from_dict(store.read_dna(best["id"]))),
+        "best_architecture": paper_diagram(view.dna(best["id"])),
         "best_architecture_detail": best.get("architecture"),
         "ancestry": [r["id"] for r in ancestry(records, best["id"])],
         "ensemble_k": k,
@@ -230,7 +273,7 @@ def run_summary(store: Store, k: int = 1) -> dict[str, Any]:
         "progress": series,
         "progress_missing": [p["id"] for p in series if p["test_accuracy"] is None],
         "test_split": TEST_NOTE,
-        "stall": stall_diagnosis(store, records, evaluator.cfg),
+        "stall": stall_diagnosis(view.store, records, cfg),
     }
     cache.save()
     return summary
@@ -269,9 +312,10 @@ def write_report(store: Store, k: int = 3, out_dir: str | None = None) -> dict[s
     out = output_dir(store, out_dir)
     if out_dir is None and os.path.islink(out):  # a store's contents may be hostile
         raise EvojaxNasError(f"{out} is a symlink; refusing to write through it (use --out)")
-    summary = run_summary(store, k)
+    view = RunView(store)
+    summary = summarize(view, TestEvaluator(view), k)
     os.makedirs(out, exist_ok=True)
-    records = trained_records(store)
+    records = view.records
     paths = {
         name: os.path.join(out, name)
         for name in ("figure1.png", "figure2.png", "architecture.txt", "report.json")
@@ -284,24 +328,24 @@ def write_report(store: Store, k: int = 3, out_dir: str | None = None) -> dict[s
         records,
         summary["best_id"],
         paths["figure1.png"],
-        diagram=lambda ind_id: paper_diagram(dna_lib.from_dict(store.read_dna(ind_id))),
+        diagram=lambda ind_id: paper_diagram(view.dna(ind_id)),
         history=(history or {}).get("events", []),
         name=store.url.rstrip("/").split("/")[-1],
     )
     plots.figure2(summary["progress"], paths["figure2.png"], 3600 * summary["wall_hours"])
     with open(paths["architecture.txt"], "w", encoding="utf-8") as f:
-        f.write(architecture_text(store, shown))
+        f.write(architecture_text(view, shown))
     summary["outputs"] = paths
     with open(paths["report.json"], "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
 
 
-def architecture_text(store: Store, shown: Sequence[dict]) -> str:
+def architecture_text(view: RunView, shown: Sequence[dict]) -> str:
     """The best architecture (last of `shown`) and the ancestors drawn on Figure 1, as text."""
     blocks = []
     for r in shown:
-        dna = dna_lib.from_dict(store.read_dna(r["id"]))
+        dna = view.dna(r["id"])
         blocks.append(
             f"{r['id']}  validation {r['val_accuracy']:.4f}  learning rate {dna.learning_rate:.4g}"
             f"\n  {paper_diagram(dna)}\n  {dna_lib.describe(dna)}\n"
@@ -320,9 +364,10 @@ def export_run(store: Any, out_dir: str, k: int = 1) -> str:
     Returns:
         The path of the written model.json.
     """
-    summary = run_summary(store, k)
-    evaluator = TestEvaluator(store)
-    records = {r["id"]: r for r in trained_records(store)}
+    view = RunView(store)
+    evaluator = TestEvaluator(view)
+    summary = summarize(view, evaluator, k)
+    records = {r["id"]: r for r in view.records}
     members = []
     for ind_id in summary["ensemble_ids"]:
         found = evaluator.member(ind_id)

@@ -18,12 +18,13 @@ from evojax_nas.data import Dataset
 from evojax_nas.model import init_variables
 from evojax_nas.store import open_store
 
-SYNTHETIC = EvolutionConfig(  # the config of `synthetic_run` (test_report's TINY)
+SYNTHETIC = EvolutionConfig(  # the config of `synthetic_run`, and `tiny_config`
     dataset="digits8x8",
     population=3,
     workers=1,
     steps=3,
     max_children=6,
+    # architecture-preserving mutations: one compiled program keeps a real evolution quick
     mutation_weights={"identity": 1.0, "alter_learning_rate": 1.0, "reset_weights": 1.0},
 )
 
@@ -67,6 +68,12 @@ def make_synthetic_run(path, **cfg_changes):
 def random_dataset():
     """A factory of random uint8 datasets: random_dataset(n, hw, c, classes, seed)."""
     return make_random_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> EvolutionConfig:
+    """A tiny run's config: digits 8×8, population 3, 3 training steps a child, 6 children."""
+    return SYNTHETIC
 
 
 @pytest.fixture(scope="session")

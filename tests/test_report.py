@@ -1,5 +1,6 @@
 """report / compare / adjust: JSON fields, PNGs, the test split's confinement, steering."""
 
+import collections
 import dataclasses
 import json
 import time
@@ -9,25 +10,17 @@ import pytest
 
 from evojax_nas import cli, compare, data, plots, report
 from evojax_nas import dna as D
-from evojax_nas.cli_report import adjust, report_lines
+from evojax_nas.app import adjust
+from evojax_nas.cli_report import report_lines
 from evojax_nas.cli_train import read_dna
-from evojax_nas.config import EvolutionConfig
 from evojax_nas.errors import EvojaxNasError
 from evojax_nas.evolution import Worker, training_evaluator
 from evojax_nas.runner import run_status
+from evojax_nas.steering import Adjustment
 from evojax_nas.store import open_store
 from evojax_nas.train import TrainResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = EvolutionConfig(
-    dataset="digits8x8",
-    population=3,
-    workers=1,
-    steps=3,
-    max_children=6,
-    # architecture-preserving mutations: one compiled program keeps the fixture quick
-    mutation_weights={"identity": 1.0, "alter_learning_rate": 1.0, "reset_weights": 1.0},
-)
 
 
 def forbid_test_split(monkeypatch):
@@ -38,18 +31,18 @@ def forbid_test_split(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_config):
     """A real in-process evolution (digits 8×8, 3 training steps a child) that may not read
     the test split."""
     url = str(tmp_path_factory.mktemp("tiny") / "run")
     store = open_store(url)
-    store.write_config(TINY.to_dict())
+    store.write_config(tiny_config.to_dict())
     with pytest.MonkeyPatch.context() as mp:
         forbid_test_split(mp)
-        dataset = data.load_dataset(TINY.dataset)
-        evaluate = training_evaluator(dataset, TINY)
-        worker = Worker(store, TINY, 0, evaluate, 1, dataset.num_classes)
-        while worker.children < TINY.max_children:
+        dataset = data.load_dataset(tiny_config.dataset)
+        evaluate = training_evaluator(dataset, tiny_config)
+        worker = Worker(store, tiny_config, 0, evaluate, 1, dataset.num_classes)
+        while worker.children < tiny_config.max_children:
             worker.step()
         run_status(store)
     return url
@@ -110,9 +103,47 @@ def test_collected_best_so_far_is_reported_as_missing(tmp_path, synthetic_run):
         assert f.read(8) == PNG
 
 
-def test_report_on_an_empty_run_is_a_user_error(tmp_path, capsys):
+class CountingStore:
+    """A store that counts what is read through it: calls per method, and the IDs read."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, collections.Counter()
+
+    def __getattr__(self, name):
+        value = getattr(self.store, name)
+        if not callable(value):
+            return value
+
+        def counted(*args, **kwargs):
+            self.calls[name, *args[:1]] += 1
+            self.calls[name] += 1
+            return value(*args, **kwargs)
+
+        return counted
+
+
+def test_report_and_export_read_the_run_once(tmp_path, synthetic_run):
+    real = synthetic_run(tmp_path / "run")
+    for ind_id in ("i3", "c4"):  # dead, weights not yet collected: checked before use
+        real.kill(ind_id)
+    store = CountingStore(real)
+    summary = report.write_report(store, k=3)
+    assert summary["ensemble_ids"] == ["i3", "c4", "i1"]
+    assert store.calls["records"] == 1 and store.calls["read_config"] == 1
+    downloads = {key[1]: n for key, n in store.calls.items() if key[0] == "read_params"}
+    assert downloads and set(downloads.values()) == {1}, downloads
+    assert {n for key, n in store.calls.items() if key[0] == "read_dna"} == {1}
+
+    store = CountingStore(real)  # test accuracies are cached now: only the members are read
+    report.export_run(store, str(tmp_path / "model"), k=3)
+    assert store.calls["records"] == 1
+    downloads = {key[1]: n for key, n in store.calls.items() if key[0] == "read_params"}
+    assert downloads == {"i3": 1, "c4": 1, "i1": 1}
+
+
+def test_report_on_an_empty_run_is_a_user_error(tmp_path, capsys, tiny_config):
     store = open_store(str(tmp_path / "run"))
-    store.write_config(TINY.to_dict())
+    store.write_config(tiny_config.to_dict())
     assert cli.main(["report", str(tmp_path / "run")]) == 2
     assert "no trained individuals" in capsys.readouterr().err
 
@@ -153,21 +184,22 @@ def step_until_child(worker):
     raise AssertionError("no child reproduced")
 
 
-def test_adjust_changes_what_workers_do_next(tmp_path):
-    cfg = dataclasses.replace(TINY, population=4, mutation_weights={"identity": 1.0})
+def test_adjust_changes_what_workers_do_next(tmp_path, tiny_config):
+    cfg = dataclasses.replace(tiny_config, population=4, mutation_weights={"identity": 1.0})
     store = open_store(str(tmp_path / "run"))
     store.write_config(cfg.to_dict())
     worker = Worker(store, cfg, 0, identity_evaluator, 1, 10)
     first = step_until_child(worker)
     assert len(first["mutation"]["names"]) == 1 and first["mutation"]["reinitialised"] == []
 
-    adjust(store, mutations_per_child=3, for_minutes=5)
+    adjust(store, Adjustment(mutations_per_child=3, for_minutes=5))
     assert step_until_child(worker)["mutation"]["names"] == ["identity"] * 3
 
-    adjust(store, mutations_per_child=3, for_minutes=1, now=time.time() - 120)  # expired
+    # a period that ended a minute ago:
+    adjust(store, Adjustment(mutations_per_child=3, for_minutes=1), now=time.time() - 120)
     assert len(step_until_child(worker)["mutation"]["names"]) == 1
 
-    adjust(store, reset_all_weights=True)
+    adjust(store, Adjustment(reset_all_weights=True))
     assert step_until_child(worker)["mutation"]["reinitialised"], "weights must be reset"
 
     history, _ = store.read_meta(report.HISTORY)
@@ -186,11 +218,11 @@ def test_adjust_changes_what_workers_do_next(tmp_path):
         assert f.read(8) == PNG
 
 
-def test_adjust_refuses_nothing_or_bad_values(tmp_path, capsys):
+def test_adjust_refuses_nothing_or_bad_values(tmp_path, capsys, tiny_config):
     store = open_store(str(tmp_path / "run"))
-    store.write_config(TINY.to_dict())
+    store.write_config(tiny_config.to_dict())
     with pytest.raises(EvojaxNasError, match="nothing to adjust"):
-        adjust(store)
+        adjust(store, Adjustment())
     assert cli.main(["adjust", store.url, "--mutations-per-child", "0"]) == 2
     assert cli.main(["adjust", store.url, "--for-minutes", "3", "--reset-all-weights"]) == 2
     assert cli.main(["adjust", store.url, "--reset-all-weights"]) == 0
