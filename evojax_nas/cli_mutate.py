@@ -1,6 +1,11 @@
 """`evojax-nas mutate`: apply one mutation to a DNA file and print what changed.
 
 evojax-nas mutate --dna initial --seed 3 --mutation insert_convolution --out child.json
+
+The child is made by the run's own recipe (`evojax_nas.recipe.make_child`) with the event key
+`event_key(seed, worker, event)`: it is the child that worker's event of a run with that seed
+makes from this parent, when the run's plan is the one `--mutation` gives (one mutation; without
+`--mutation`, the paper's uniform draw over all eleven, a default run's plan).
 """
 
 from __future__ import annotations
@@ -8,15 +13,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from evojax_nas.cli_train import SAMPLES
 from evojax_nas.errors import EvojaxNasError
 from evojax_nas.mutation_names import MUTATION_NAMES
 
 if TYPE_CHECKING:  # JAX is imported only when a command runs: `--help` stays fast
+    import jax
+
     from evojax_nas import dna as dna_lib
-    from evojax_nas import mutations
+    from evojax_nas.recipe import Plan
+
+
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def add_mutate_command(subparsers) -> argparse.ArgumentParser:
@@ -29,7 +47,19 @@ def add_mutate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--dna", required=True, help="DNA JSON file, 'initial' or a sample: " + ", ".join(SAMPLES)
     )
-    p.add_argument("--seed", type=int, required=True, help="seed of the mutation's key")
+    p.add_argument(
+        "--seed",
+        type=int,
+        required=True,
+        help="run seed: the key is that of worker --worker's event --event in a run with it",
+    )
+    p.add_argument("--worker", type=_natural, default=0, help="worker of the event key (0)")
+    p.add_argument(
+        "--event",
+        type=_natural,
+        default=0,
+        help="event number of the event key (0)",
+    )
     p.add_argument(
         "--mutation",
         choices=sorted(MUTATION_NAMES),
@@ -46,12 +76,52 @@ add_command = add_mutate_command  # the name `cli.py` looks for in its command m
 
 def run_mutate(args: argparse.Namespace) -> int:
     """Handler of `evojax-nas mutate`: writes the child and prints the summary."""
-    print(mutate_file(args.dna, args.seed, args.out, mutation=args.mutation))
+    text = mutate_file(
+        args.dna, args.seed, args.out, mutation=args.mutation, worker=args.worker, event=args.event
+    )
+    print(text)
     return 0
 
 
-def mutate_file(spec: str, seed: int, out: str, *, mutation: str | None = None) -> str:
-    """Mutates the DNA named by `spec` with key `PRNGKey(seed)`, writes it to `out`.
+def mutation_plan(mutation: str | None) -> Plan:
+    """The plan of `mutate --mutation NAME`: that one mutation (None: one drawn uniformly, as a
+    default run draws it), weights inherited."""
+    from evojax_nas.recipe import Plan
+
+    return Plan(weights=None if mutation is None else {mutation: 1.0}, count=1, inherit=True)
+
+
+def mutant(
+    parent: dna_lib.DNA, key: jax.Array, mutation: str | None = None, params: Any = None
+) -> tuple[dna_lib.DNA, Any, dict]:
+    """The child `make_child` makes from `parent` with event key `key` and `mutation_plan`.
+
+    Args:
+        params: the parent's variables; None gives it stand-in variables drawn from the same
+            event key as an initial individual's (`recipe.initial_variables`): `mutate` has
+            no weights, and only their shapes decide which tensors the child re-draws.
+
+    Returns:
+        (the child's DNA, its variables, the record's `mutation` dict), as `make_child`.
+    """
+    from evojax_nas.recipe import initial_variables, make_child
+
+    if params is None:
+        params = initial_variables(key, parent)
+    return make_child(key, parent, params, mutation_plan(mutation))
+
+
+def mutate_file(
+    spec: str,
+    seed: int,
+    out: str,
+    *,
+    mutation: str | None = None,
+    worker: int = 0,
+    event: int = 0,
+) -> str:
+    """Mutates the DNA named by `spec` with the event key `event_key(seed, worker, event)`
+    (see `mutant`) and writes the child to `out`.
 
     Returns:
         The human-readable summary of the change.
@@ -61,17 +131,11 @@ def mutate_file(spec: str, seed: int, out: str, *, mutation: str | None = None) 
         MutationError: an unknown mutation, or one that cannot apply to this DNA.
         EvojaxNasError: `out` cannot be written.
     """
-    import jax
-
-    from evojax_nas import model, mutations
     from evojax_nas.cli_train import read_dna
+    from evojax_nas.keys import event_key
 
     parent = read_dna(spec)
-    key = jax.random.PRNGKey(seed)
-    # Stand-in parent weights: only their shapes matter, to tell which tensors a child re-draws.
-    variables = model.init_variables(parent, jax.random.fold_in(key, 3))
-    weights = None if mutation is None else {mutation: 1.0}
-    child, _, report = mutations.mutate(parent, variables, key, weights=weights)
+    child, _, report = mutant(parent, event_key(seed, worker, event), mutation)
     write_dna(child, out)
     return summarize(parent, child, report) + f"\nwrote {out}"
 
@@ -123,21 +187,25 @@ def _vertex_text(v: dna_lib.Vertex) -> str:
     return f"vertex {v.id} ({v.kind}, {v.role})"
 
 
-def summarize(parent: dna_lib.DNA, child: dna_lib.DNA, report: mutations.MutationReport) -> str:
-    """The `mutate` command's printout: mutation, IDs, architectures, numbers, tensors."""
+def summarize(parent: dna_lib.DNA, child: dna_lib.DNA, report: Mapping[str, Any]) -> str:
+    """The `mutate` command's printout: mutation, IDs, architectures, numbers, tensors.
+
+    Args:
+        report: the record's `mutation` dict (`names`, `touched`, `reinitialised`).
+    """
     from evojax_nas import dna as dna_lib
 
     changes = dna_changes(parent, child) or ["(none)"]
     key_before, key_after = dna_lib.architecture_key(parent), dna_lib.architecture_key(child)
     lines = [
-        f"mutation: {', '.join(report.names)}",
-        f"touched IDs: {', '.join(map(str, report.touched)) or '(none)'}",
+        f"mutation: {', '.join(report['names'])}",
+        f"touched IDs: {', '.join(map(str, report['touched'])) or '(none)'}",
         f"before: {dna_lib.describe(parent)}",
         f"after:  {dna_lib.describe(child)}",
         "changes:",
         *(f"  {line}" for line in changes),
         f"architecture key: {key_before} → {key_after}"
         + (" (same: no recompile)" if key_before == key_after else ""),
-        f"re-initialised tensors: {', '.join(report.reinitialised) or '(none)'}",
+        f"re-initialised tensors: {', '.join(report['reinitialised']) or '(none)'}",
     ]
     return "\n".join(lines)

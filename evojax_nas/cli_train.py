@@ -50,18 +50,23 @@ def add_command(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=50, help="batch size (50)")
     p.add_argument("--dataset", default="mnist5k", help=DATASET_HELP + " (default mnist5k)")
     p.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir (CIFAR)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and training (0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="run seed (0): weights and training keys are those of the initial individual that "
+        "worker 0's first event of a run with this seed makes",
+    )
     p.add_argument("--learning-rate", type=float, default=None, help="override the DNA's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
     from evojax_nas import dna as dna_lib
     from evojax_nas.data import load_dataset
-    from evojax_nas.model import init_variables
+    from evojax_nas.keys import TRAIN, event_key, for_purpose
+    from evojax_nas.recipe import initial_variables
     from evojax_nas.train import TrainConfig, train_and_evaluate
 
     start = time.perf_counter()
@@ -73,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}")
         dna = dna_lib.validate(dna.replace(learning_rate=args.learning_rate))
     t_data = time.perf_counter()
-    key = jax.random.PRNGKey(args.seed)
-    variables = init_variables(dna, jax.random.fold_in(key, 0))
+    # The keys of worker 0's event 0 of a run with this seed, which always makes an initial
+    # individual: `train --dna initial` starts from its weights and trains with its key.
+    key = event_key(args.seed, 0, 0)
+    variables = initial_variables(key, dna)
     t_init = time.perf_counter()
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size)
-    result = train_and_evaluate(dna, variables, dataset, jax.random.fold_in(key, 1), config)
+    result = train_and_evaluate(dna, variables, dataset, for_purpose(key, TRAIN), config)
     timings = {"data": t_data - start, "init": t_init - t_data, **result.timings}
     summary = {
         "architecture": dna_lib.describe(dna),

@@ -1,6 +1,7 @@
 """One recipe for a child: a pure plan of what to do, and `make_child` that does it.
 
-The worker, `replay`, and the `mutate` command all make children this way. `plan_child` decides
+The worker, `replay`, and the `mutate` command all make children this way; initial individuals
+(and the `train` command's weights) are initialised by `initial_variables`. `plan_child` decides
 from the run's config, its control and the parent's birth; clock values are its arguments,
 never read inside. `make_child` is a pure function of its key, the parent and the plan.
 """
@@ -26,7 +27,7 @@ from evojax_nas.state import Control
 class Plan:
     """How a child is made from its parent: which mutations, how many, whether it inherits."""
 
-    weights: Mapping[str, float]  # mutation name -> relative probability
+    weights: Mapping[str, float] | None  # mutation name -> relative probability; None: uniform
     count: int  # mutations applied
     inherit: bool  # the child inherits the weights its mutations leave valid
     replaces_parent: bool = False  # a weight reset: the child replaces its parent
@@ -97,7 +98,12 @@ def make_initial(
 ) -> tuple[dna_lib.DNA, Any]:
     """An initial individual (paper §3.2: no convolutions) and its fresh variables."""
     dna = dna_lib.initial_dna(input_channels, num_classes, learning_rate)
-    return dna, init_variables(dna, for_purpose(key, INIT))
+    return dna, initial_variables(key, dna)
+
+
+def initial_variables(key: jax.Array, dna: dna_lib.DNA) -> Any:
+    """Fresh variables for `dna`, drawn as an initial individual's are from its event key."""
+    return init_variables(dna, for_purpose(key, INIT))
 
 
 INITIAL_MUTATION = {"names": [], "touched": [], "reinitialised": ["*"]}  # an initial's record

@@ -111,6 +111,30 @@ def run_cli():
     return _run_cli
 
 
+@pytest.fixture
+def cli_main(capsys):
+    """Runs `evojax-nas ARGS…` in this process through `cli.main`: cli_main(*args) gives
+    (exit code, stdout, stderr); argparse's own exits give their code too. Environment
+    variables a command sets in its process (a worker's device plan) are undone after."""
+    from evojax_nas import cli
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help, a usage error
+            code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    before = dict(os.environ)
+    try:
+        yield run
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_persistent_compilation_cache_in_process(monkeypatch):
     """`cli.main` run in-process would turn on JAX's persistent compilation cache for the whole
