@@ -7,6 +7,7 @@ seconds); their fitness is synthetic (a function of the architecture), so the te
 protocol, not training. The figures it prints (`pytest -s`) are quoted in the README.
 """
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -95,6 +96,15 @@ def chaos_worker(root: str, wid: int, point: str | None, nth: int) -> None:
                 log.flush()
 
 
+def _sigkill(p) -> None:
+    """SIGKILLs a worker process and reaps it. It may have died and been reaped already:
+    `Process.start()` reaps every finished child, so its PID may be gone (or reused)."""
+    if p.is_alive():
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+    p.join()
+
+
 def _markers(root: str) -> dict[str, list[str]]:
     from evojax_nas.store._validate import parse_marker
 
@@ -131,8 +141,7 @@ def _run_chaos(root: str, rng: random.Random) -> dict:
                     stats["died_at_point"] += 1
                     del procs[wid]
                 elif deadline is not None and time.time() > deadline:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.join()
+                    _sigkill(p)
                     stats["sigkill_random"] += 1
                     del procs[wid]
             while len(procs) < WORKERS:
@@ -162,8 +171,7 @@ def _run_chaos(root: str, rng: random.Random) -> dict:
             time.sleep(0.05)
     finally:
         for p, _ in procs.values():
-            os.kill(p.pid, signal.SIGKILL)
-            p.join()
+            _sigkill(p)
         if os.path.exists(root + ".stall"):
             os.unlink(root + ".stall")
         from multiprocessing import forkserver
