@@ -1,0 +1,65 @@
+"""scripts/bench_layerwise.py in its tiny mode, and its layer-wise driver's signature cache."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_layerwise.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_layerwise", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_compares_both_paths_and_checks_them_numerically():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout)
+    assert res["check"]["ok"]
+    small = res["check"]["small_conv sample"]["errors"]
+    assert {"loss after 1 step", "gradients after 1 step", "momenta after 3 steps"} <= set(small)
+    rows = res["rows"]
+    assert len(rows) == res["architectures"] == 3
+    for row in rows:
+        for path in ("whole", "layerwise"):
+            assert row[path]["compile"] > 0 and row[path]["train"] > 0
+        # Both paths train and evaluate the same child: the same number of correct answers
+        # (random labels, so only equal, not high).
+        assert row["whole"]["correct"] == row["layerwise"]["correct"]
+    assert sum(r["layerwise"]["new_signatures"] for r in rows) == res["signatures"]
+    for paths in res["projection"].values():
+        for p in paths.values():
+            assert 0 < p["non_training_share"] < 1 and p["children_per_minute"] > 0
+    shares = [res["projection"][f"all new, {s} steps"]["whole"] for s in (200, 800, 2000)]
+    assert shares[0]["non_training_share"] > shares[2]["non_training_share"]
+
+
+def test_a_seen_architecture_compiles_no_new_signature_and_a_broken_update_is_caught():
+    bench = _module()
+    from evojax_nas import dna as D
+    from evojax_nas.samples import read_dna
+
+    b = bench.Bench("digits8x8", 2, 0)
+    dna = D.for_data(read_dna("small_conv"), 1, 10)
+    b.net(dna)
+    compiled, seconds = len(b.cache.ops), b.cache.seconds
+    assert compiled > 0
+    b.net(dna.replace(learning_rate=0.5))  # the same architecture, another learning rate
+    assert (len(b.cache.ops), b.cache.seconds) == (compiled, seconds)
+
+    sgd = bench._sgd
+    try:  # the check must notice a gradient 0.1 % off
+        bench._sgd = lambda p, g, m, lr, mo, d: sgd(p, g * 1.001, m, lr, mo, d)
+        assert not b.check(dna)["ok"]
+    finally:
+        bench._sgd = sgd
