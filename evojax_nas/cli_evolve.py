@@ -6,8 +6,8 @@ import argparse
 import json
 import time
 
-from evojax_nas.cli_common import STORE_HELP, command
-from evojax_nas.cli_train import DATASET_HELP, positive_int
+from evojax_nas.cli_common import STORE_HELP, command, positive_int
+from evojax_nas.cli_train import DATASET_HELP
 from evojax_nas.config import SELECTIONS, load_config, with_overrides
 from evojax_nas.devices import workers_arg
 from evojax_nas.errors import EvojaxNasError

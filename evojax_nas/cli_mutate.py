@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from evojax_nas.cli_common import natural_int
 from evojax_nas.cli_train import SAMPLES
 from evojax_nas.errors import EvojaxNasError
 from evojax_nas.mutation_names import MUTATION_NAMES
@@ -25,16 +26,6 @@ if TYPE_CHECKING:  # JAX is imported only when a command runs: `--help` stays fa
 
     from evojax_nas import dna as dna_lib
     from evojax_nas.recipe import Plan
-
-
-def _natural(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def add_mutate_command(subparsers) -> argparse.ArgumentParser:
@@ -53,10 +44,10 @@ def add_mutate_command(subparsers) -> argparse.ArgumentParser:
         required=True,
         help="run seed: the key is that of worker --worker's event --event in a run with it",
     )
-    p.add_argument("--worker", type=_natural, default=0, help="worker of the event key (0)")
+    p.add_argument("--worker", type=natural_int, default=0, help="worker of the event key (0)")
     p.add_argument(
         "--event",
-        type=_natural,
+        type=natural_int,
         default=0,
         help="event number of the event key (0)",
     )

@@ -7,6 +7,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+from evojax_nas.cli_common import positive_int
 from evojax_nas.data import DATASETS
 from evojax_nas.errors import ConfigError, DNAError
 
@@ -17,16 +18,6 @@ if TYPE_CHECKING:  # JAX is imported only when a command runs: `--help` stays fa
 # that package imports JAX).
 SAMPLES = ("small_conv", "bench_conv4", "bench_conv8")
 DATASET_HELP = f"one of {', '.join(DATASETS)}, or npz:PATH (your own .npz file)"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def read_dna(spec: str) -> dna_lib.DNA:
