@@ -38,6 +38,7 @@ from typing import Any
 NON_STRUCTURAL = frozenset({"alter_learning_rate", "identity", "reset_weights"})
 MIN_WINDOW = 50
 _CONV = re.compile(r"\bC\d+x\d+")
+_CONV_DEPTH = re.compile(r"\bC\d+x\d+(?:/\d+)?\((\d+)\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class StallDiagnosis:
         alive_conv_lineage_share: share of them whose lineage gained a convolution (None: none
             alive).
         alive_convolutions_mean: mean convolutions on their backbones (None: not recorded).
+        alive_widest_convolution: the most output channels of any backbone convolution of an
+            alive individual (0: none has a convolution; None: not recorded). At a few
+            hundred steps per child an inheriting population can keep adding convolutions but
+            stop widening them (README, "Evolution vs the paper's controls").
+        widest_convolution_born: the same over every trained individual of the run.
         last_structural_id: the latest accepted structural child (None: none yet).
         last_structural_born: its birth (unix time).
         children_since_structural: children born after it (all children when there is none).
@@ -67,6 +73,8 @@ class StallDiagnosis:
     alive_architectures: int
     alive_conv_lineage_share: float | None
     alive_convolutions_mean: float | None
+    alive_widest_convolution: int | None
+    widest_convolution_born: int | None
     last_structural_id: str | None
     last_structural_born: float | None
     children_since_structural: int
@@ -93,6 +101,20 @@ def convolutions(record: dict) -> int | None:
     """Convolutions on the backbone, counted in the record's "architecture" text (None: none)."""
     text = record.get("architecture")
     return len(_CONV.findall(text)) if isinstance(text, str) else None
+
+
+def widest_convolution(record: dict) -> int | None:
+    """Output channels of the widest backbone convolution in the record's "architecture" text
+    (0: no convolution; None: not recorded)."""
+    text = record.get("architecture")
+    if not isinstance(text, str):
+        return None
+    return max((int(d) for d in _CONV_DEPTH.findall(text)), default=0)
+
+
+def _widest(records: Iterable[dict]) -> int | None:
+    widths = [w for w in map(widest_convolution, records) if w is not None]
+    return max(widths) if widths else None
 
 
 def _arch(record: dict) -> str | None:
@@ -199,6 +221,8 @@ def diagnose(
         alive_architectures=len({_arch(r) or r["id"] for r in alive}),
         alive_conv_lineage_share=conv_share,
         alive_convolutions_mean=sum(convs) / len(convs) if convs else None,
+        alive_widest_convolution=_widest(alive),
+        widest_convolution_born=_widest(done),
         last_structural_id=last["id"] if last else None,
         last_structural_born=last["born"] if last else None,
         children_since_structural=since,
@@ -253,6 +277,9 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
         if share is None
         else f"{100 * share:.0f}% of alive lineages gained a convolution",
     ]
+    alive_w, born_w = d.get("alive_widest_convolution"), d.get("widest_convolution_born")
+    if _num(alive_w) and _num(born_w):
+        parts.append(f"widest convolution alive {alive_w} channels (widest born {born_w})")
     since, seconds = d.get("children_since_structural"), d.get("seconds_since_structural")
     if d.get("last_structural_id") and _num(since) and _num(seconds):
         parts.insert(1, f"last one {since} children / {seconds / 60:.1f} min ago")

@@ -199,3 +199,18 @@ def test_status_of_a_young_run_is_not_stalled(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "stall check       too early to tell: 10 of 50 children born" in text
     assert "STALLED" not in text
+
+
+def test_the_widest_convolutions_alive_and_born_are_reported():
+    wide = "Input → C3x3/2(3)+BN+R → C5x1(16) → I+skip(0) → Global Pool → Output"
+    records = history(60, structural_every=3, arch=wide)  # the wide children all die
+    d = stall.diagnose(records, population=5)
+    assert d.alive_widest_convolution == 0 and d.widest_convolution_born == 16
+    records = history(60, accept_at=(10,), arch=ONE_CONV)
+    d = stall.diagnose(records, population=5)
+    assert d.alive_widest_convolution == 8 == d.widest_convolution_born
+    line = stall.summary_lines(d.to_dict())[0]
+    assert "widest convolution alive 8 channels (widest born 8)" in line
+    assert stall.widest_convolution({"architecture": PLAIN}) == 0
+    assert stall.widest_convolution({}) is None
+    assert stall.diagnose([], population=5).widest_convolution_born is None
