@@ -8,6 +8,7 @@ for finite numbers. Nothing is ever unpickled or evaluated.
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from evojax_nas.errors import CorruptObjectError, StoreError
@@ -230,3 +231,15 @@ def blob_prefix(prefix: object) -> list[str]:
     for part in parts[1:]:
         check_id(part, "blob name segment")
     return parts
+
+
+def blob_names(names: Iterable[str]) -> list[str]:
+    """The valid blob names among `names` (a listing may hold foreign objects), sorted."""
+    out = []
+    for name in names:
+        try:
+            blob_parts(name)
+        except StoreError:
+            continue
+        out.append(name)
+    return sorted(out)

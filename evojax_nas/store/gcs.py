@@ -293,15 +293,7 @@ class GCSStore(GCSRecordsMixin, Store):
 
     def list_blobs(self, prefix: str) -> list[str]:
         rel = "/".join(_validate.blob_prefix(prefix)) + "/"
-        out = []
-        for blob in self._list(rel):
-            name = self._rel(blob, "")
-            try:
-                _validate.blob_parts(name)
-            except StoreError:
-                continue
-            out.append(name)
-        return sorted(out)
+        return _validate.blob_names(self._rel(blob, "") for blob in self._list(rel))
 
 
 def _safe_path(root: str, rel: str, what: str) -> str:

@@ -458,18 +458,13 @@ class LocalStore(Store):
     def list_blobs(self, prefix: str) -> list[str]:
         parts = _validate.blob_prefix(prefix)
         keys = [parts[1]] if len(parts) == 2 else sorted(self._listdir(parts[0]))
-        out = []
-        for key in keys:
-            if not _validate.ID_RE.match(key) or not self._real_dir(parts[0], key):
-                continue  # never follows a symlink out of the store
-            for file in self._listdir(parts[0], key):
-                name = f"{parts[0]}/{key}/{file}"
-                try:
-                    _validate.blob_parts(name)
-                except StoreError:
-                    continue
-                out.append(name)
-        return sorted(out)
+        return _validate.blob_names(
+            f"{parts[0]}/{key}/{file}"
+            for key in keys
+            # never follows a symlink out of the store
+            if _validate.ID_RE.match(key) and self._real_dir(parts[0], key)
+            for file in self._listdir(parts[0], key)
+        )
 
 
 def _unlink(path: str) -> None:
