@@ -8,7 +8,7 @@ import time
 
 from evojax_nas.cli_common import STORE_HELP, command, positive_int
 from evojax_nas.cli_train import DATASET_HELP
-from evojax_nas.config import SELECTIONS, load_config, with_overrides
+from evojax_nas.config import SELECTIONS, TRAIN_IMPLS, load_config, with_overrides
 from evojax_nas.devices import workers_arg
 from evojax_nas.errors import EvojaxNasError
 from evojax_nas.stall import summary_lines as stall_lines
@@ -39,6 +39,12 @@ def add_command(sub) -> None:
         "only its own; on a CPU the config's number",
     )
     p.add_argument("--steps", type=positive_int, help="training steps per individual")
+    p.add_argument(
+        "--train-impl",
+        choices=TRAIN_IMPLS,
+        help="whole: one compiled program per architecture; layerwise: per-layer programs "
+        "compiled once per run (fewer compiles, slower steps: for few steps per child)",
+    )
     p.add_argument(
         "--max-children", type=int, help="stop after this many children in the whole run"
     )
@@ -127,6 +133,7 @@ def run_evolve(args: argparse.Namespace) -> int:
         population=args.population,
         workers=len(envs) if envs is not None else args.workers,
         steps=args.steps,
+        train_impl=args.train_impl,
         max_children=args.max_children,
         max_minutes=args.max_minutes,
         seed=args.seed,

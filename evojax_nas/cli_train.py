@@ -49,6 +49,12 @@ def add_command(sub) -> None:
         "worker 0's first event of a run with this seed makes",
     )
     p.add_argument("--learning-rate", type=float, default=None, help="override the DNA's")
+    p.add_argument(
+        "--train-impl",
+        choices=("whole", "layerwise"),
+        default="whole",
+        help="whole (default): one compiled program; layerwise: per-layer programs",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
 
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     key = event_key(args.seed, 0, 0)
     variables = initial_variables(key, dna)
     t_init = time.perf_counter()
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, train_impl=args.train_impl)
     result = train_and_evaluate(dna, variables, dataset, for_purpose(key, TRAIN), config)
     timings = {"data": t_data - start, "init": t_init - t_data, **result.timings}
     summary = {

@@ -19,6 +19,7 @@ from evojax_nas.mutation_names import MUTATION_NAMES as MUTATIONS
 SELECTIONS = ("tournament", "random", "aging")
 COMPILE_CACHES = ("store", "worker")
 BUILTIN = ("quick", "paper")
+TRAIN_IMPLS = ("whole", "layerwise")  # `steps.TrainConfig.train_impl`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,11 @@ class EvolutionConfig:
     # (again every as many seconds, at a chunk boundary); a worker restarted after a preemption
     # finishes it from there, bit for bit (evojax_nas/resume.py). 0 or null: off.
     resume_interval_seconds: float | None = 300.0
+    # How a child's training runs: "whole" (one compiled program per architecture) or
+    # "layerwise" (small programs per layer signature, compiled once for the whole run:
+    # evojax_nas/layerwise.py). Part of what a replay reproduces: the two agree to float
+    # rounding, not bit for bit.
+    train_impl: str = "whole"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,6 +105,10 @@ def validate_config(cfg: EvolutionConfig) -> EvolutionConfig:
     _check(
         cfg.compile_cache in COMPILE_CACHES,
         f"compile_cache must be one of {', '.join(COMPILE_CACHES)}, got {cfg.compile_cache!r}",
+    )
+    _check(
+        cfg.train_impl in TRAIN_IMPLS,
+        f"train_impl must be one of {', '.join(TRAIN_IMPLS)}, got {cfg.train_impl!r}",
     )
     _check(
         cfg.background_compile in (True, False, None),

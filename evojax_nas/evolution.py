@@ -589,6 +589,7 @@ def train_config(cfg: EvolutionConfig) -> TrainConfig:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         eval_batch_size=cfg.eval_batch_size,
+        train_impl=cfg.train_impl,
     )
 
 

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from evojax_nas import layerwise
 from evojax_nas.conv import compiler_options, resolve_impl
 from evojax_nas.dna import DNA, architecture_key
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError, NotFoundError, StoreError
@@ -135,7 +136,9 @@ class Programs(NamedTuple):
     flops_train_step: float  # Ft, from XLA's cost analysis (a loop body counts once)
     flops_eval_batch: float  # Fv
     key: str
-    source: str  # how this call got them: "compiled", "shared" (the run's store) or "memory"
+    # How this call got them: "compiled", "shared" (the run's store), "memory", or "layers"
+    # (layer-wise programs assembled from per-layer programs compiled earlier: no compile).
+    source: str
     seconds: Mapping[str, float]  # trace/lower/compile, or load
 
 
@@ -151,6 +154,7 @@ def program_key(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target) -> s
         [cfg.batch_size, cfg.eval_batch_size, cfg.momentum, cfg.weight_decay],
         chunk_length(layout, cfg),
         resolve_impl(cfg.conv_impl, platform),
+        cfg.train_impl,
         sorted(compiler_options(platform).items()),
         platform,
         target.device_kind,
@@ -199,6 +203,31 @@ def abstract_args(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target):
         sds((eb,), jnp.bool_),
     )
     return train, evaluation
+
+
+def build_layerwise(
+    dna: DNA, layout: Layout, cfg: TrainConfig, target: Target, ops: layerwise.OpCache
+) -> Programs:
+    """The layer-wise programs of `dna` (`evojax_nas.layerwise`): compiles only the layer
+    signatures `ops` has not seen."""
+    before, t0 = ops.seconds, time.perf_counter()
+    sharding = (
+        jax.sharding.SingleDeviceSharding(target.device) if target.device is not None else None
+    )
+    net = layerwise.build(
+        dna, layout, cfg, resolve_impl(cfg.conv_impl, target.platform), ops, sharding
+    )
+    compile_s = ops.seconds - before
+    seconds = {"compile": compile_s, "plan": time.perf_counter() - t0 - compile_s}
+    return Programs(
+        net.train_chunk,
+        net.eval_batch,
+        net.flops_train_step,
+        net.flops_eval_batch,
+        program_key(dna, layout, cfg, target),
+        "compiled",
+        seconds,
+    )
 
 
 def _flops(compiled) -> float:
@@ -408,7 +437,7 @@ class ProgramCache:
 
     Attributes:
         counts: how programs were obtained: "memory", "shared", "compiled", "waited" (loaded
-            after waiting for another worker's compile).
+            after waiting for another worker's compile), "layers" (see `Programs.source`).
     """
 
     def __init__(
@@ -425,8 +454,11 @@ class ProgramCache:
         self.counts: collections.Counter = collections.Counter()
         self._memory: collections.OrderedDict[str, Programs] = collections.OrderedDict()
         self._pending: dict[str, concurrent.futures.Future] = {}
+        self._prefetched: set[str] = set()  # prefetched, not yet used by `get`
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Per-layer programs of `train_impl: "layerwise"`, shared by all its architectures.
+        self.layers = layerwise.OpCache(compiler_options(self.target.platform))
 
     def get(self, dna: DNA, layout: Layout, cfg: TrainConfig) -> Programs:
         """The programs for `dna`, waiting for a prefetch of them if one is running."""
@@ -434,11 +466,17 @@ class ProgramCache:
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
+                if key in self._prefetched:  # its first use: say how the prefetch got it
+                    self._prefetched.discard(key)
+                    return self._memory[key]
                 self.counts["memory"] += 1
                 return self._memory[key]._replace(source="memory")
             future = self._pending.get(key)
         if future is not None:
-            return future.result()
+            programs = future.result()
+            with self._lock:
+                self._prefetched.discard(key)
+            return programs
         return self._obtain(key, dna, layout, cfg)
 
     def prefetch(self, dna: DNA, layout: Layout, cfg: TrainConfig) -> None:
@@ -453,6 +491,7 @@ class ProgramCache:
                 )
             future = self._pool.submit(self._obtain, key, dna, layout, cfg)
             self._pending[key] = future
+            self._prefetched.add(key)
         future.add_done_callback(lambda _: self._forget(key))
 
     def _forget(self, key: str) -> None:
@@ -460,6 +499,11 @@ class ProgramCache:
             self._pending.pop(key, None)
 
     def _obtain(self, key: str, dna: DNA, layout: Layout, cfg: TrainConfig) -> Programs:
+        if cfg.train_impl == "layerwise":  # per-layer programs: cheap, kept by each worker
+            programs = build_layerwise(dna, layout, cfg, self.target, self.layers)
+            if programs.seconds["compile"] == 0:
+                programs = programs._replace(source="layers")
+            return self._remember(key, programs)
         programs, claimed = None, False
         if self.shared is not None:
             programs = self.shared.load(key, dna, layout, cfg, self.target)
@@ -479,11 +523,14 @@ class ProgramCache:
             shared = self.shared is not None and not self.target.compile_only
             if shared and not self.shared.save(programs, compiled) and claimed:
                 self.shared.release(key)
+        return self._remember(key, programs)
+
+    def _remember(self, key: str, programs: Programs) -> Programs:
         with self._lock:
             self.counts[programs.source] += 1
             self._memory[key] = programs
             while len(self._memory) > self.capacity:
-                self._memory.popitem(last=False)
+                self._prefetched.discard(self._memory.popitem(last=False)[0])
         return programs
 
     def close(self) -> None:

@@ -34,6 +34,10 @@ class TrainConfig:
     # per-step dispatch and host round trip.
     steps_per_dispatch: int = 100
     conv_impl: str = "auto"  # evojax_nas.conv.IMPLS; "auto" picks the fastest on the target
+    # "whole": one XLA program per architecture (fastest steps, a compile per architecture);
+    # "layerwise": small programs per layer signature, shared by all architectures
+    # (evojax_nas/layerwise.py: few compiles, slower steps; for short training per child).
+    train_impl: str = "whole"
 
 
 class TrainState(NamedTuple):

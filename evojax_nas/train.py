@@ -47,7 +47,7 @@ class TrainResult:
     # seconds: "compile" (obtaining or waiting for the compiled programs), "train" (with the
     # upload of the variables), "eval", "download" (the trained variables to the host)
     timings: dict[str, float]
-    programs: str = "compiled"  # "memory", "shared" or "compiled"
+    programs: str = "compiled"  # "memory", "shared", "compiled" or "layers" (Programs.source)
 
     @property
     def flops(self) -> float:

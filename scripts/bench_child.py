@@ -51,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="off",
         help="background compile of the next child (both: off and on, each in a new process)",
     )
+    p.add_argument(
+        "--train-impl",
+        choices=("whole", "layerwise", "both"),
+        default="whole",
+        help="the config's train_impl (both: whole and layerwise, each in a new process)",
+    )
     p.add_argument("--tiny", action="store_true", help="a few tiny children (for the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--second-worker", metavar="STORE", help=argparse.SUPPRESS)
@@ -81,7 +87,7 @@ class TimedStore:
             self.publish_seconds.append(time.perf_counter() - t0)
 
 
-def run_worker_bench(args, root: str, lookahead: bool) -> dict:
+def run_worker_bench(args, root: str, lookahead: bool, train_impl: str) -> dict:
     """Produces `args.children` children in a fresh store; returns the breakdown."""
     import dataclasses
 
@@ -100,6 +106,7 @@ def run_worker_bench(args, root: str, lookahead: bool) -> dict:
         max_children=None,
         max_minutes=None,
         workers=1,
+        train_impl=train_impl,
     )
     store = open_store(root)
     store.write_config(cfg.to_dict())
@@ -129,6 +136,7 @@ def run_worker_bench(args, root: str, lookahead: bool) -> dict:
     paper_share = (overhead / n) / (overhead / n + per_step * PAPER_STEPS) if n else None
     return {
         "lookahead": lookahead,
+        "train_impl": train_impl,
         "children": n,
         "wall_seconds": wall,
         "setup_seconds": setup,
@@ -172,10 +180,12 @@ def second_worker(root: str) -> dict:
 
 
 def cpu_main(args) -> dict:
-    variants = {"off": [False], "on": [True], "both": [False, True]}[args.lookahead]
+    lookaheads = {"off": [False], "on": [True], "both": [False, True]}[args.lookahead]
+    impls = ["whole", "layerwise"] if args.train_impl == "both" else [args.train_impl]
+    variants = [(la, impl) for impl in impls for la in lookaheads]
     out = {"runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-child-") as tmp:
-        for i, lookahead in enumerate(variants):
+        for i, (lookahead, impl) in enumerate(variants):
             root = os.path.join(tmp, f"run{i}")
             if len(variants) > 1:  # each variant in a fresh process: no warm caches carried
                 cmd = [
@@ -185,6 +195,7 @@ def cpu_main(args) -> dict:
                     "--lookahead",
                     "on" if lookahead else "off",
                 ]
+                cmd += [f"--train-impl={impl}"]
                 cmd += [
                     f"--{k}={getattr(args, k)}"
                     for k in ("children", "steps", "population", "dataset", "seed")
@@ -192,9 +203,11 @@ def cpu_main(args) -> dict:
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 sub = json.loads(res.stdout)
                 out["runs"] += sub["runs"]
-                out["second_worker"] = sub.get("second_worker")
+                out["second_worker"] = sub.get("second_worker") or out.get("second_worker")
                 continue
-            out["runs"].append(run_worker_bench(args, root, lookahead))
+            out["runs"].append(run_worker_bench(args, root, lookahead, impl))
+            if impl == "layerwise":
+                continue  # nothing is shared through the store: each worker has its layers
             res = subprocess.run(
                 [sys.executable, __file__, "--second-worker", root],
                 capture_output=True,
@@ -202,6 +215,13 @@ def cpu_main(args) -> dict:
                 check=True,
             )
             out["second_worker"] = json.loads(res.stdout)
+    runs = {(r["train_impl"], r["lookahead"]): r for r in out["runs"]}
+    for la in lookaheads:
+        if ("whole", la) in runs and ("layerwise", la) in runs:
+            w, lw = runs["whole", la], runs["layerwise", la]
+            out.setdefault("layerwise_vs_whole", {})["on" if la else "off"] = (
+                lw["children_per_minute"] / w["children_per_minute"]
+            )
     return out
 
 
@@ -209,7 +229,8 @@ def print_cpu(out: dict, args) -> None:
     for run in out["runs"]:
         wall, phases = run["wall_seconds"], run["phases_seconds"]
         print(
-            f"\nlookahead {'on' if run['lookahead'] else 'off'}: {run['children']} children of "
+            f"\n{run['train_impl']}, lookahead {'on' if run['lookahead'] else 'off'}: "
+            f"{run['children']} children of "
             f"{args.steps} steps in {wall:.1f} s = {run['children_per_minute']:.1f} children/min "
             f"(setup {run['setup_seconds']:.1f} s not counted)"
         )
@@ -236,6 +257,8 @@ def print_cpu(out: dict, args) -> None:
             f"{PAPER_STEPS} steps/child ({1000 * run['train_seconds_per_step']:.2f} ms/step)"
         )
         print(f"  programs in the store: {run['program_bytes'] / 2**20:.1f} MiB")
+    for la, ratio in out.get("layerwise_vs_whole", {}).items():
+        print(f"\nlayerwise / whole children per minute (lookahead {la}): {ratio:.2f}x")
     second = out.get("second_worker")
     if second and second["seconds"]:
         s = sorted(second["seconds"])

@@ -44,3 +44,14 @@ def test_tpu_mode_compiles_a_mutation_chain_without_hardware():
     compiled = [r for r in out["chain"] if not r.get("reused")]
     assert compiled and all(r["flops_train_step"] > 0 for r in compiled)
     assert all(r["seconds"]["compile"] > 0 for r in compiled)
+
+
+def test_both_train_impls_side_by_side():
+    out = _run("--train-impl", "both")
+    runs = {r["train_impl"]: r for r in out["runs"]}
+    assert set(runs) == {"whole", "layerwise"}
+    assert all(r["children"] == 4 for r in runs.values())
+    assert runs["layerwise"]["program_bytes"] == 0  # layer programs stay in the worker
+    assert set(runs["layerwise"]["programs"]) <= {"compiled", "layers", "memory"}
+    ratio = out["layerwise_vs_whole"]["off"]
+    assert ratio == runs["layerwise"]["children_per_minute"] / runs["whole"]["children_per_minute"]

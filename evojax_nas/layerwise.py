@@ -1,0 +1,482 @@
+"""Training and evaluation as sequences of small compiled programs shared by all architectures.
+
+With `train_impl: "layerwise"` a child's training step is not one XLA program per architecture
+but ~2-4 calls per layer of small programs, each compiled once per *signature* (operation,
+static numbers, argument shapes) and reused by every later architecture that has a layer of
+the same signature. A new architecture then compiles only the layers no earlier one had: on the
+default job's architectures compiling took 65 s instead of 389 s, while training took 1.2x as
+long (`scripts/bench_layerwise.py`; README, "Where a worker's time goes").
+
+A step, for a DNA resolved by `evojax_nas.architecture`:
+
+- forward in topological order: one program per convolution edge (`evojax_nas.conv`), one per
+  vertex that merges inputs (`model.resolve_inputs`) or applies BN+ReLU (train mode: batch
+  statistics, and the new running averages as outputs); activations are kept;
+- the head (global average pool, dense layer, softmax cross-entropy), forward and backward and
+  the update of its parameters in one call;
+- backward in reverse order: each operation's VJP recomputed from its kept inputs, fused with
+  the update of its own parameters (`steps.make_optimizer`: SGD with momentum 0.9, weight decay
+  on convolution kernels only), and one more call per fan-out to sum gradients.
+
+Evaluation runs the forward programs on the running averages. The numbers agree with the
+whole-program path (`steps.make_train_step`) to float rounding (~1e-7; tests/test_layerwise.py),
+not bit for bit: the implementation is part of a run's config, so a replay uses the same one.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
+from evojax_nas.augment import preprocess
+from evojax_nas.conv import conv2d, xla_conv2d
+from evojax_nas.model import BN_EPSILON, BN_MOMENTUM, resolve_inputs
+from evojax_nas.steps import TrainState
+
+BN_LEAVES = (
+    ("params", "scale"),
+    ("params", "bias"),
+    ("batch_stats", "mean"),
+    ("batch_stats", "var"),
+)
+
+
+class OpCache:
+    """Compiled per-operation programs by signature, least recently used out. Thread-safe.
+
+    Attributes:
+        compiles: programs compiled so far; seconds: time spent compiling them.
+    """
+
+    def __init__(self, options: dict, capacity: int = 4096):
+        self.options = options
+        self.capacity = capacity
+        self.compiles = 0
+        self.seconds = 0.0
+        self._ops: collections.OrderedDict[tuple, tuple[Any, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def get(self, factory: Callable, statics: tuple, args: list) -> tuple[Any, float]:
+        """(compiled program, its FLOPs) of `factory(*statics)` for abstract `args`.
+
+        A factory's arguments are everything its function depends on besides the argument
+        shapes: with them, they are the signature.
+        """
+        sig = (factory.__name__, statics, tuple((tuple(a.shape), str(a.dtype)) for a in args))
+        with self._lock:  # one compile at a time: a prefetch thread may build too
+            found = self._ops.get(sig)
+            if found is not None:
+                self._ops.move_to_end(sig)
+                return found
+            t0 = time.perf_counter()
+            compiled = (
+                jax.jit(factory(*statics), compiler_options=self.options)
+                .trace(*args)
+                .lower()
+                .compile()
+            )
+            self.seconds += time.perf_counter() - t0
+            self.compiles += 1
+            analysis = compiled.cost_analysis()
+            if isinstance(analysis, (list, tuple)):
+                analysis = analysis[0]
+            found = (compiled, float((analysis or {}).get("flops", 0.0)))
+            self._ops[sig] = found
+            while len(self._ops) > self.capacity:
+                self._ops.popitem(last=False)
+            return found
+
+
+# ------------------------------------------------------------------ the per-operation functions
+# Factories of pure functions; every argument of a factory is part of the op's signature.
+
+
+def _sgd(p, g, m, lr, momentum: float, decay: float):
+    """`optax.add_decayed_weights` then `optax.trace`, then p - lr * update (steps.py)."""
+    g = g + decay * p if decay else g
+    m = g + momentum * m
+    return p - lr * m, m
+
+
+def _bn_relu(h, scale, bias, mean, var, train: bool):
+    bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+    variables = {
+        "params": {"scale": scale, "bias": bias},
+        "batch_stats": {"mean": mean, "var": var},
+    }
+    if not train:
+        return nn.relu(bn.apply(variables, h, use_running_average=True))
+    y, new = bn.apply(variables, h, use_running_average=False, mutable=["batch_stats"])
+    return nn.relu(y), new["batch_stats"]["mean"], new["batch_stats"]["var"]
+
+
+def _conv(impl: str) -> Callable:
+    return conv2d if impl == "custom" else xla_conv2d
+
+
+def conv_fwd(impl: str, stride: int) -> Callable:
+    conv = _conv(impl)
+    return lambda x, w: conv(x, w, stride)
+
+
+def conv_bwd(impl: str, stride: int, need_dx: bool, momentum: float, decay: float) -> Callable:
+    conv = _conv(impl)
+
+    def f(x, w, m, dy, lr):
+        _, vjp = jax.vjp(lambda x, w: conv(x, w, stride), x, w)
+        dx, dw = vjp(dy)
+        w, m = _sgd(w, dw, m, lr, momentum, decay)
+        return (dx, w, m) if need_dx else (w, m)
+
+    return f
+
+
+def vertex_fwd(n_in: int, has_bn: bool, train: bool) -> Callable:
+    def f(*args):  # inputs..., [scale, bias, mean, var]
+        h = resolve_inputs(args[0], args[1:n_in])
+        if not has_bn:
+            return h
+        return _bn_relu(h, *args[n_in:], train=train)
+
+    return f
+
+
+def vertex_bwd(n_in: int, has_bn: bool, momentum: float) -> Callable:
+    def f(*args):  # inputs..., [scale, bias, m_scale, m_bias], dy, lr
+        ins, dy, lr = args[:n_in], args[-2], args[-1]
+        params = args[n_in : n_in + 2] if has_bn else ()
+
+        def fwd(ins, params):
+            h = resolve_inputs(ins[0], ins[1:])
+            if not has_bn:
+                return h
+            zeros = jnp.zeros_like(params[0])  # train mode: the running averages are unused
+            return _bn_relu(h, *params, zeros, zeros, train=True)[0]
+
+        _, vjp = jax.vjp(fwd, tuple(ins), tuple(params))
+        d_ins, d_params = vjp(dy)
+        if not has_bn:
+            return tuple(d_ins)
+        moms = args[n_in + 2 : n_in + 4]
+        (scale, m_scale), (bias, m_bias) = (
+            _sgd(p, g, m, lr, momentum, 0.0) for p, g, m in zip(params, d_params, moms, strict=True)
+        )
+        return (*d_ins, scale, bias, m_scale, m_bias)
+
+    return f
+
+
+def head_train(classes: int, momentum: float) -> Callable:
+    dense = nn.Dense(classes)
+
+    def f(x, kernel, bias, m_kernel, m_bias, y, lr, bad):
+        def loss_fn(x, kernel, bias):
+            logits = dense.apply({"params": {"kernel": kernel, "bias": bias}}, jnp.mean(x, (1, 2)))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, vjp = jax.vjp(loss_fn, x, kernel, bias)
+        dx, dk, db = vjp(jnp.ones_like(loss))
+        kernel, m_kernel = _sgd(kernel, dk, m_kernel, lr, momentum, 0.0)
+        bias, m_bias = _sgd(bias, db, m_bias, lr, momentum, 0.0)
+        return bad | ~jnp.isfinite(loss), dx, kernel, bias, m_kernel, m_bias
+
+    return f
+
+
+def head_eval(classes: int) -> Callable:
+    dense = nn.Dense(classes)
+
+    def f(x, kernel, bias, y, mask):
+        logits = dense.apply({"params": {"kernel": kernel, "bias": bias}}, jnp.mean(x, (1, 2)))
+        return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+
+    return f
+
+
+def prep(meta: tuple) -> Callable:
+    mean, std, augment = meta
+    return lambda x: preprocess(x, None, train=False, mean=mean, std=std, augment=augment)
+
+
+def add() -> Callable:
+    return lambda a, b: a + b
+
+
+def unstack(count: int) -> Callable:
+    return lambda xs, ys: (tuple(xs[i] for i in range(count)), tuple(ys[i] for i in range(count)))
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+# An instruction: (compiled program, or None for an alias; input slots; output slots).
+Instruction = tuple[Any, tuple[str, ...], tuple[str, ...]]
+
+
+class LayerwiseNet:
+    """One architecture's training step and evaluation batch as instruction lists over slots.
+
+    Slots hold activations (`a<vertex>`, `e<edge>`), variables (`params/<module>/<leaf>`,
+    `batch_stats/...`), momenta (`m:params/...`) and gradients (`g:...`).
+    """
+
+    def __init__(
+        self,
+        dna,
+        *,
+        image: tuple[int, ...],
+        image_dtype: str,
+        batch_size: int,
+        eval_batch_size: int,
+        impl: str,
+        momentum: float,
+        weight_decay: float,
+        meta: tuple,
+        ops: OpCache,
+        sharding=None,
+    ):
+        arch = resolve(dna)
+        self.train_ops: list[Instruction] = []
+        self.eval_ops: list[Instruction] = []
+        self.flops_train_step = 0.0
+        self.flops_eval_batch = 0.0
+        self.slots: dict[str, tuple[str, str, str]] = {}  # variable slot → (coll, module, leaf)
+        self._ops, self._unstack = ops, {}
+        self._sharding = sharding
+        shapes: dict[str, jax.ShapeDtypeStruct] = {}
+
+        def sds(shape, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+        self._sds = sds
+        for (coll, module, leaf), shape in arch.variables.items():
+            slot = f"{coll}/{module}/{leaf}"
+            self.slots[slot] = (coll, module, leaf)
+            shapes[slot] = sds(shape)
+            if coll == "params":
+                shapes["m:" + slot] = sds(shape)
+        shapes.update(lr=sds(()), bad=sds((), jnp.bool_))
+
+        def emit(train: bool, compiled, flops: float, ins, outs) -> None:
+            (self.train_ops if train else self.eval_ops).append((compiled, tuple(ins), tuple(outs)))
+            if compiled is None:  # an alias
+                for o in outs:
+                    shapes[o] = shapes[ins[0]]
+                return
+            if train:
+                self.flops_train_step += flops
+            else:
+                self.flops_eval_batch += flops
+            leaves = jax.tree_util.tree_leaves(compiled.out_info)
+            for slot, info in zip(outs, leaves, strict=True):
+                shapes[slot] = sds(info.shape, info.dtype)
+
+        def op(train: bool, factory: Callable, statics: tuple, ins, outs) -> None:
+            compiled, flops = ops.get(factory, statics, [shapes[s] for s in ins])
+            emit(train, compiled, flops, ins, outs)
+
+        def forward(train: bool) -> set[int]:
+            aliases = set()
+            for vid in arch.order[1:]:
+                ins = []
+                for e in arch.inputs[vid]:
+                    if e.is_conv:
+                        stride = 2**e.stride_log2
+                        w = f"params/{conv_name(e.id)}/kernel"
+                        op(train, conv_fwd, (impl, stride), [f"a{e.src}", w], [f"e{e.id}"])
+                        ins.append(f"e{e.id}")
+                    else:
+                        ins.append(f"a{e.src}")
+                has_bn = arch.vertices[vid].kind == "bn_relu"
+                if len(ins) == 1 and not has_bn:
+                    emit(train, None, 0.0, ins, [f"a{vid}"])
+                    aliases.add(vid)
+                    continue
+                bn = [f"{c}/{bn_name(vid)}/{leaf}" for c, leaf in BN_LEAVES] if has_bn else []
+                outs = [f"a{vid}"] + (bn[2:] if has_bn and train else [])
+                op(train, vertex_fwd, (len(ins), has_bn, train), ins + bn, outs)
+            return aliases
+
+        # ---- the training step
+        input_vid, out = arch.order[0], f"a{arch.output_id}"
+        self.input_slot = f"a{input_vid}"
+        shapes[self.input_slot] = sds((batch_size, *image))
+        shapes["y"] = sds((batch_size,), jnp.int32)
+        aliases = forward(train=True)
+        head = [f"params/{OUTPUT}/kernel", f"params/{OUTPUT}/bias"]
+        moms = ["m:" + h for h in head]
+        classes = dna.num_classes
+        op(
+            True,
+            head_train,
+            (classes, momentum),
+            [out, *head, *moms, "y", "lr", "bad"],
+            ["bad", "g:" + out, *head, *moms],
+        )
+        have_grad = {out}
+
+        def accumulate(slot: str, grad: str) -> None:
+            target = "g:" + slot
+            if slot in have_grad:
+                op(True, add, (), [target, grad], [target])
+            else:
+                emit(True, None, 0.0, [grad], [target])
+                have_grad.add(slot)
+
+        for vid in reversed(arch.order[1:]):
+            edges = arch.inputs[vid]
+            grads = [f"g:{vid}:{i}" for i in range(len(edges))]
+            if vid in aliases:
+                emit(True, None, 0.0, [f"g:a{vid}"], grads)
+            else:
+                has_bn = arch.vertices[vid].kind == "bn_relu"
+                ins = [f"e{e.id}" if e.is_conv else f"a{e.src}" for e in edges]
+                p = (
+                    [f"params/{bn_name(vid)}/{leaf}" for leaf in ("scale", "bias")]
+                    if has_bn
+                    else []
+                )
+                m = ["m:" + s for s in p]
+                op(
+                    True,
+                    vertex_bwd,
+                    (len(ins), has_bn, momentum),
+                    ins + p + m + [f"g:a{vid}", "lr"],
+                    grads + p + m,
+                )
+            for e, g in zip(edges, grads, strict=True):
+                need_dx = e.src != input_vid
+                if e.is_conv:
+                    w = f"params/{conv_name(e.id)}/kernel"
+                    stride = 2**e.stride_log2
+                    dx = [f"g:{vid}:{e.id}:dx"] if need_dx else []
+                    op(
+                        True,
+                        conv_bwd,
+                        (impl, stride, need_dx, momentum, weight_decay),
+                        [f"a{e.src}", w, "m:" + w, g, "lr"],
+                        dx + [w, "m:" + w],
+                    )
+                    if need_dx:
+                        accumulate(f"a{e.src}", dx[0])
+                elif need_dx:
+                    accumulate(f"a{e.src}", g)
+
+        # ---- the evaluation batch (raw images, normalised by the first program)
+        shapes[self.input_slot] = sds((eval_batch_size, *image), image_dtype)
+        op(False, prep, (meta,), [self.input_slot], [self.input_slot])
+        forward(train=False)
+        shapes["y"] = sds((eval_batch_size,), jnp.int32)
+        shapes["mask"] = sds((eval_batch_size,), jnp.bool_)
+        op(
+            False,
+            head_eval,
+            (classes,),
+            [out, *head, "y", "mask"],
+            ["correct"],
+        )
+        self.calls_per_step = sum(c is not None for c, _, _ in self.train_ops)
+
+    @staticmethod
+    def _run(ops: list[Instruction], env: dict) -> None:
+        for compiled, ins, outs in ops:
+            if compiled is None:
+                for o in outs:
+                    env[o] = env[ins[0]]
+                continue
+            res = compiled(*[env[s] for s in ins])
+            if not isinstance(res, tuple):
+                res = (res,)
+            for o, r in zip(outs, res, strict=True):
+                env[o] = r
+
+    def _batches(self, xbs, ybs):
+        """The chunk's prepared batches as one array per step (one call for the chunk)."""
+        count = xbs.shape[0]
+        args = [self._sds(xbs.shape, xbs.dtype), self._sds(ybs.shape, ybs.dtype)]
+        compiled, _ = self._ops.get(unstack, (count,), args)
+        return compiled(xbs, ybs)
+
+    def train_chunk(self, state: TrainState, xbs, ybs, n, lr) -> TrainState:
+        """The first `n` of the prepared batches, one step each: `steps.make_train_chunk`'s
+        contract (state, batches x, batches y, n, lr) -> state."""
+        env: dict[str, Any] = {}
+        momenta = momentum_buffers(state.opt_state)
+        for slot, (coll, module, leaf) in self.slots.items():
+            tree = state.params if coll == "params" else state.batch_stats
+            env[slot] = tree[module][leaf]
+            if coll == "params":
+                env["m:" + slot] = momenta[module][leaf]
+        env["bad"], env["lr"] = state.bad, jnp.asarray(lr, jnp.float32)
+        xs, ys = self._batches(xbs, ybs)
+        for i in range(int(n)):
+            env[self.input_slot], env["y"] = xs[i], ys[i]
+            self._run(self.train_ops, env)
+        params: dict = {}
+        stats: dict = {}
+        new_momenta: dict = {}
+        for slot, (coll, module, leaf) in self.slots.items():
+            (params if coll == "params" else stats).setdefault(module, {})[leaf] = env[slot]
+            if coll == "params":
+                new_momenta.setdefault(module, {})[leaf] = env["m:" + slot]
+        opt_state = with_momentum_buffers(state.opt_state, new_momenta)
+        return TrainState(params, stats, opt_state, env["bad"])
+
+    def eval_batch(self, params, batch_stats, x, y, mask):
+        """Correct predictions in one evaluation batch: `steps.make_eval_step`'s contract."""
+        env: dict[str, Any] = {self.input_slot: x, "y": y, "mask": mask}
+        for slot, (coll, module, leaf) in self.slots.items():
+            env[slot] = (params if coll == "params" else batch_stats)[module][leaf]
+        self._run(self.eval_ops, env)
+        return env["correct"]
+
+
+def momentum_buffers(opt_state) -> Any:
+    """The momentum buffers (a pytree shaped like the params) of `steps.make_optimizer`'s state."""
+    for part in opt_state:
+        if isinstance(part, optax.TraceState):
+            return part.trace
+    raise TypeError(f"no momentum (optax.TraceState) in the optimizer state {opt_state!r}")
+
+
+def with_momentum_buffers(opt_state, trace) -> Any:
+    """`opt_state` with its momentum buffers replaced by `trace`."""
+    return type(opt_state)(
+        part._replace(trace=trace) if isinstance(part, optax.TraceState) else part
+        for part in opt_state
+    )
+
+
+@functools.cache
+def _meta_key(mean: tuple, std: tuple, augment: str) -> tuple:
+    return (tuple(float(m) for m in mean), tuple(float(s) for s in std), augment)
+
+
+def build(dna, layout, cfg, impl: str, ops: OpCache, sharding=None) -> LayerwiseNet:
+    """The layer-wise net of `dna` for a data layout and training config (`programs.Layout`,
+    `steps.TrainConfig`); compiles the signatures `ops` does not have yet."""
+    return LayerwiseNet(
+        dna,
+        image=tuple(layout.train_shape[1:]),
+        image_dtype=layout.dtype,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        impl=impl,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        meta=_meta_key(layout.mean, layout.std, layout.augment),
+        ops=ops,
+        sharding=sharding,
+    )

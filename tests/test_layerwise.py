@@ -1,0 +1,237 @@
+"""`train_impl: "layerwise"`: per-layer programs train and evaluate as the whole program."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from evojax_nas import dna as D
+from evojax_nas import layerwise, samples
+from evojax_nas import model as M
+from evojax_nas import mutations as MU
+from evojax_nas.data import Dataset
+from evojax_nas.programs import CompileCounter, ProgramCache
+from evojax_nas.train import (
+    DeviceData,
+    TrainConfig,
+    initial_state,
+    run_training,
+    train_and_evaluate,
+)
+
+WHOLE = TrainConfig(steps=7, batch_size=10, eval_batch_size=16, steps_per_dispatch=3)
+LAYERS = dataclasses.replace(WHOLE, train_impl="layerwise")
+KEY = jax.random.PRNGKey(0)
+
+
+def dataset(n=60, hw=8, c=3, classes=4) -> Dataset:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, hw, hw, c), dtype=np.uint8)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    # 21 validation images: the last evaluation batch is padded and masked.
+    return Dataset("tiny", x, y, x[:21], y[:21], classes, (127.0,) * c, (74.0,) * c, "none")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return DeviceData.upload(dataset(), WHOLE.eval_batch_size)
+
+
+def chain(length: int, seed: int = 5) -> list:
+    """Distinct architectures of a seeded mutation chain (convolutions, strides, merges)."""
+    dna, key, out = D.initial_dna(3, 4, 0.05), jax.random.PRNGKey(seed), []
+    seen = set()
+    for i in range(length):
+        dna, _, _ = MU.mutate(dna, None, jax.random.fold_in(key, i))
+        if D.architecture_key(dna) not in seen:
+            seen.add(D.architecture_key(dna))
+            out.append(dna)
+    return out
+
+
+def merged_dna():
+    """The chain's architecture with the most edges (skip connections, resizes, depth pads)."""
+    return max(chain(40), key=lambda d: (len(d.edges), sum(e.is_conv for e in d.edges)))
+
+
+def _close(a, b, rtol=1e-4, atol=1e-5) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+def _equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", ["initial", "small_conv", "merged"])
+def test_layerwise_trains_like_the_whole_program(name, data):
+    dna = {
+        "initial": lambda: D.initial_dna(3, 4, 0.05),
+        "small_conv": lambda: D.for_data(samples.read_dna("small_conv"), 3, 4),
+        "merged": merged_dna,
+    }[name]()
+    if name == "merged":  # the test is only as good as its DNA: it must merge inputs
+        arch = __import__("evojax_nas.architecture", fromlist=["resolve"]).resolve(dna)
+        assert any(len(arch.inputs[v]) > 1 for v in arch.order)
+    variables = M.init_variables(dna, KEY)
+    key = jax.random.PRNGKey(1)
+    states = {}
+    for cfg in (WHOLE, LAYERS):
+        programs = ProgramCache().get(dna, data.layout, cfg)
+        states[cfg.train_impl] = run_training(programs, variables, data, key, 0.05, cfg)
+    (whole, n_w, bad_w), (layers, n_l, bad_l) = states["whole"], states["layerwise"]
+    assert (n_w, bad_w) == (n_l, bad_l) == (WHOLE.steps, False)
+    assert _close(whole.params, layers.params)
+    assert _close(whole.batch_stats, layers.batch_stats)
+    assert _close(whole.opt_state, layers.opt_state)  # momenta in optax's own state
+    assert jax.tree_util.tree_structure(whole) == jax.tree_util.tree_structure(layers)
+    # The results agree; the parameters must also have moved, or the comparison says nothing.
+    assert not _close(whole.params, variables["params"])
+
+
+def test_layerwise_fitness_and_flops_match_the_whole_program(data):
+    dna = merged_dna()
+    variables = M.init_variables(dna, KEY)
+    a = train_and_evaluate(dna, variables, data, jax.random.PRNGKey(2), WHOLE, ProgramCache())
+    b = train_and_evaluate(dna, variables, data, jax.random.PRNGKey(2), LAYERS, ProgramCache())
+    assert abs(a.val_accuracy - b.val_accuracy) <= 1 / 21 + 1e-9  # one image at most
+    assert _close(a.variables, b.variables)
+    assert b.eval_batches == a.eval_batches == 2
+    # Summed per-layer FLOPs: the same order as XLA's count of the whole program.
+    assert 0.5 < b.flops_train_step / a.flops_train_step < 2.5
+    assert 0.5 < b.flops_eval_batch / a.flops_eval_batch < 2.0
+
+
+def test_layerwise_is_deterministic_and_resumes_bit_for_bit(data):
+    dna = merged_dna()
+    variables = M.init_variables(dna, KEY)
+    key = jax.random.PRNGKey(3)
+    cfg = dataclasses.replace(LAYERS, steps=9)
+    seen = {}
+
+    def on_chunk(step, state):
+        seen[step] = jax.device_get(state)
+
+    full = run_training(
+        ProgramCache().get(dna, data.layout, cfg),
+        variables,
+        data,
+        key,
+        0.05,
+        cfg,
+        on_chunk=on_chunk,
+    )
+    again = run_training(ProgramCache().get(dna, data.layout, cfg), variables, data, key, 0.05, cfg)
+    assert _equal(full[0], again[0])  # a replay in a fresh process computes the same bits
+    step = sorted(seen)[1]
+    resumed = run_training(
+        ProgramCache().get(dna, data.layout, cfg),
+        variables,
+        data,
+        key,
+        0.05,
+        cfg,
+        start=(step, seen[step]),
+    )
+    assert resumed[1:] == full[1:] and _equal(resumed[0], full[0])
+
+
+def test_known_layers_compile_nothing(data):
+    """A new architecture whose layer signatures all occurred before compiles no program."""
+    cache = ProgramCache()
+    base = D.for_data(samples.read_dna("small_conv"), 3, 4)
+    variables = M.init_variables(base, KEY)
+    first = train_and_evaluate(base, variables, data, KEY, LAYERS, cache)
+    assert first.programs == "compiled" and len(cache.layers) > 0
+    # Same layers, another architecture: the learning rate differs, and the identity mutation
+    # keeps the architecture; both must come from memory. A new DNA that only repeats an
+    # existing vertex kind with the same shapes assembles from known layers.
+    lr_child = dataclasses.replace(base, learning_rate=0.3)
+    with CompileCounter() as counter:
+        again = train_and_evaluate(lr_child, variables, data, KEY, LAYERS, cache)
+    assert again.programs == "memory" and counter.count == 0
+    fresh_cache_entry = ProgramCache()
+    fresh_cache_entry.layers = cache.layers  # a new architecture cache, the same layer cache
+    with CompileCounter() as counter:
+        assembled = train_and_evaluate(base, variables, data, KEY, LAYERS, fresh_cache_entry)
+    assert assembled.programs == "layers" and counter.count == 0
+    assert assembled.val_accuracy == first.val_accuracy
+
+
+def test_layerwise_divergence_is_reported(data):
+    dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
+    dna = dataclasses.replace(dna, learning_rate=1e30)
+    variables = M.init_variables(dna, KEY)
+    result = train_and_evaluate(dna, variables, data, KEY, LAYERS, ProgramCache())
+    assert result.diverged and result.val_accuracy == 0.0
+    assert _equal(result.variables, variables)
+
+
+def test_momentum_buffers_round_trip():
+    from evojax_nas.steps import make_optimizer
+
+    dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
+    state = initial_state(M.init_variables(dna, KEY), WHOLE)
+    trace = jax.tree_util.tree_map(lambda a: a + 1, layerwise.momentum_buffers(state.opt_state))
+    replaced = layerwise.with_momentum_buffers(state.opt_state, trace)
+    assert jax.tree_util.tree_structure(replaced) == jax.tree_util.tree_structure(state.opt_state)
+    assert _equal(layerwise.momentum_buffers(replaced), trace)
+    with pytest.raises(TypeError, match="TraceState"):
+        layerwise.momentum_buffers(make_optimizer(WHOLE).init({})[:1])
+
+
+def test_a_layerwise_run_replays_bit_for_bit(tmp_path, random_dataset):
+    """Evolution with `train_impl: "layerwise"`: children reuse layers, and replay (which
+    trains with the run's config) reproduces every individual exactly."""
+    from evojax_nas.config import EvolutionConfig
+    from evojax_nas.evolution import Worker, training_evaluator
+    from evojax_nas.replay import replay
+    from evojax_nas.store import open_store
+
+    cfg = dataclasses.replace(
+        EvolutionConfig(),
+        population=3,
+        steps=4,
+        eval_batch_size=50,
+        dataset="random",
+        seed=11,
+        train_impl="layerwise",
+        mutation_weights={"insert_convolution": 1.0, "identity": 1.0, "alter_learning_rate": 1.0},
+    )
+    data = random_dataset(n=100, hw=8, c=3, classes=4)
+    store = open_store(str(tmp_path / "run"))
+    store.write_config(cfg.to_dict())
+    worker = Worker(store, cfg, 0, training_evaluator(data, cfg), 3, 4)
+    while worker.children < 6:
+        worker.step()
+    records = store.records()
+    assert {r.get("programs") for r in records} <= {"compiled", "memory", "layers"}
+    assert any(r.get("programs") == "memory" for r in records)
+    evaluate = training_evaluator(data, cfg)  # a fresh process's caches
+    for r in records:
+        out = replay(store, r["id"], evaluate, 3, 4)
+        assert out["matches"], out
+
+
+def test_a_finished_prefetch_reports_how_it_got_the_programs(data):
+    """A prefetch that finished before the child asked still says "compiled"/"layers" for
+    the child's record (not "memory": that is for an architecture used before)."""
+    dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
+    cache = ProgramCache()
+    cache.prefetch(dna, data.layout, LAYERS)
+    cache.close()  # waits for the prefetch
+    assert cache.get(dna, data.layout, LAYERS).source == "compiled"
+    assert cache.get(dna, data.layout, LAYERS).source == "memory"
+    other = ProgramCache()
+    other.layers = cache.layers
+    other.prefetch(dna, data.layout, LAYERS)
+    other.close()  # waits for the prefetch
+    assert other.get(dna, data.layout, LAYERS).source == "layers"
+    assert other.counts == {"layers": 1}
