@@ -165,3 +165,35 @@ def resolve(dna: Any) -> Architecture:
     except TypeError:  # leaves replaced by arrays (a DNA mapped as a pytree): not cached
         return _build(dna)
     return _cached_build(dna)
+
+
+def multiply_adds(dna: Any, height: int, width: int) -> tuple[int, int]:
+    """(multiply-adds of one image's forward pass, of its backward pass): convolutions and the
+    dense layer, the layers whose cost grows with the product of their depths.
+
+    Counted from the architecture, so the figure does not depend on how a program computes it
+    (XLA's own count of a compiled program does: a layer-wise program, a convolution run as a
+    sum of shifted copies, or a fused loop count differently). The backward pass computes each
+    kernel's gradient and, except for layers reading the input image, its input's gradient.
+    Elementwise work (BN, ReLU, merges, pooling) is left out, as is usual.
+    """
+    arch = resolve(dna)
+    forward = backward = 0
+    for e in dna.edges:
+        if not e.is_conv:
+            continue
+        scale = 2 ** (arch.shapes[e.src].scale_log2 + e.stride_log2)  # before any resize
+        kh, kw = e.filter_shape
+        macs = -(-height // scale) * -(-width // scale) * kh * kw
+        macs *= arch.shapes[e.src].depth * arch.shapes[e.dst].depth
+        forward += macs
+        backward += macs * (1 if arch.vertices[e.src].role == "input" else 2)
+    dense = arch.shapes[arch.output_id].depth * dna.num_classes
+    return forward + dense, backward + 2 * dense
+
+
+def flops(dna: Any, height: int, width: int, batch: int, train: bool) -> float:
+    """FLOPs (2 per multiply-add, `multiply_adds`) of a training step on `batch` images
+    (forward and backward: the paper's Ft) or of evaluating them (forward: Fv per batch)."""
+    forward, backward = multiply_adds(dna, height, width)
+    return 2.0 * batch * (forward + backward if train else forward)

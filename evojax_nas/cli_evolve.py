@@ -43,7 +43,8 @@ def add_command(sub) -> None:
         "--train-impl",
         choices=TRAIN_IMPLS,
         help="whole: one compiled program per architecture; layerwise: per-layer programs "
-        "compiled once per run (fewer compiles, slower steps: for few steps per child)",
+        "compiled once per run (fewer compiles, slower steps: for few steps per child); "
+        "auto (the configs' default): layerwise on a CPU up to 1000 steps per child",
     )
     p.add_argument(
         "--max-children", type=int, help="stop after this many children in the whole run"

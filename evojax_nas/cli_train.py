@@ -51,9 +51,10 @@ def add_command(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=None, help="override the DNA's")
     p.add_argument(
         "--train-impl",
-        choices=("whole", "layerwise"),
-        default="whole",
-        help="whole (default): one compiled program; layerwise: per-layer programs",
+        choices=("auto", "whole", "layerwise"),
+        default="auto",
+        help="whole: one compiled program; layerwise: per-layer programs; auto (default): as "
+        "a run with these --steps trains its children (layerwise on a CPU up to 1000 steps)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)
@@ -62,6 +63,7 @@ def add_command(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from evojax_nas import dna as dna_lib
     from evojax_nas.data import load_dataset
+    from evojax_nas.evolution import resolve_train_impl
     from evojax_nas.keys import TRAIN, event_key, for_purpose
     from evojax_nas.recipe import initial_variables
     from evojax_nas.train import TrainConfig, train_and_evaluate
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     key = event_key(args.seed, 0, 0)
     variables = initial_variables(key, dna)
     t_init = time.perf_counter()
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, train_impl=args.train_impl)
+    impl = resolve_train_impl(args.train_impl, args.steps)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, train_impl=impl)
     result = train_and_evaluate(dna, variables, dataset, for_purpose(key, TRAIN), config)
     timings = {"data": t_data - start, "init": t_init - t_data, **result.timings}
     summary = {

@@ -19,7 +19,7 @@ from evojax_nas.mutation_names import MUTATION_NAMES as MUTATIONS
 SELECTIONS = ("tournament", "random", "aging")
 COMPILE_CACHES = ("store", "worker")
 BUILTIN = ("quick", "paper")
-TRAIN_IMPLS = ("whole", "layerwise")  # `steps.TrainConfig.train_impl`
+TRAIN_IMPLS = ("auto", "whole", "layerwise")  # `evolution.train_impl` resolves "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +55,12 @@ class EvolutionConfig:
     # (again every as many seconds, at a chunk boundary); a worker restarted after a preemption
     # finishes it from there, bit for bit (evojax_nas/resume.py). 0 or null: off.
     resume_interval_seconds: float | None = 300.0
-    # How a child's training runs: "whole" (one compiled program per architecture) or
+    # How a child's training runs: "whole" (one compiled program per architecture),
     # "layerwise" (small programs per layer signature, compiled once for the whole run:
-    # evojax_nas/layerwise.py). Part of what a replay reproduces: the two agree to float
-    # rounding, not bit for bit.
-    train_impl: str = "whole"
+    # evojax_nas/layerwise.py), or "auto": layerwise on a CPU for up to 1,000 steps per child,
+    # whole otherwise (measured: README, "Compiling"). The two agree to float rounding, not
+    # bit for bit; a replay resolves "auto" as the run did (same platform, same steps).
+    train_impl: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -581,15 +581,30 @@ class TrainingEvaluator:
         self.cache.prefetch(dna, self.data.layout, self.config)
 
 
-def train_config(cfg: EvolutionConfig) -> TrainConfig:
-    """How a run trains each child."""
+# `train_impl: "auto"` trains layer-wise on a CPU up to this many steps per child: there a new
+# architecture's whole-program compile costs more than its training, while layer-wise steps
+# are slower (README, "Compiling": measured crossover between 800 and 2,000 steps).
+LAYERWISE_MAX_STEPS = 1000
+
+
+def resolve_train_impl(impl: str, steps: int, platform: str | None = None) -> str:
+    """`impl` ("auto", "whole" or "layerwise") with "auto" resolved for training `steps` steps
+    on `platform` (default: JAX's)."""
+    if impl != "auto":
+        return impl
+    cpu = (platform or jax.default_backend()) == "cpu"
+    return "layerwise" if cpu and steps <= LAYERWISE_MAX_STEPS else "whole"
+
+
+def train_config(cfg: EvolutionConfig, platform: str | None = None) -> TrainConfig:
+    """How a run trains each child (on `platform`, default: JAX's)."""
     return TrainConfig(
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         eval_batch_size=cfg.eval_batch_size,
-        train_impl=cfg.train_impl,
+        train_impl=resolve_train_impl(cfg.train_impl, cfg.steps, platform),
     )
 
 

@@ -69,8 +69,8 @@ class OpCache:
     def __len__(self) -> int:
         return len(self._ops)
 
-    def get(self, factory: Callable, statics: tuple, args: list) -> tuple[Any, float]:
-        """(compiled program, its FLOPs) of `factory(*statics)` for abstract `args`.
+    def get(self, factory: Callable, statics: tuple, args: list) -> Any:
+        """The compiled program of `factory(*statics)` for abstract `args`.
 
         A factory's arguments are everything its function depends on besides the argument
         shapes: with them, they are the signature.
@@ -90,11 +90,7 @@ class OpCache:
             )
             self.seconds += time.perf_counter() - t0
             self.compiles += 1
-            analysis = compiled.cost_analysis()
-            if isinstance(analysis, (list, tuple)):
-                analysis = analysis[0]
-            found = (compiled, float((analysis or {}).get("flops", 0.0)))
-            self._ops[sig] = found
+            self._ops[sig] = found = compiled
             while len(self._ops) > self.capacity:
                 self._ops.popitem(last=False)
             return found
@@ -250,8 +246,6 @@ class LayerwiseNet:
         arch = resolve(dna)
         self.train_ops: list[Instruction] = []
         self.eval_ops: list[Instruction] = []
-        self.flops_train_step = 0.0
-        self.flops_eval_batch = 0.0
         self.slots: dict[str, tuple[str, str, str]] = {}  # variable slot → (coll, module, leaf)
         self._ops, self._unstack = ops, {}
         self._sharding = sharding
@@ -269,23 +263,18 @@ class LayerwiseNet:
                 shapes["m:" + slot] = sds(shape)
         shapes.update(lr=sds(()), bad=sds((), jnp.bool_))
 
-        def emit(train: bool, compiled, flops: float, ins, outs) -> None:
+        def emit(train: bool, compiled, ins, outs) -> None:
             (self.train_ops if train else self.eval_ops).append((compiled, tuple(ins), tuple(outs)))
             if compiled is None:  # an alias
                 for o in outs:
                     shapes[o] = shapes[ins[0]]
                 return
-            if train:
-                self.flops_train_step += flops
-            else:
-                self.flops_eval_batch += flops
             leaves = jax.tree_util.tree_leaves(compiled.out_info)
             for slot, info in zip(outs, leaves, strict=True):
                 shapes[slot] = sds(info.shape, info.dtype)
 
         def op(train: bool, factory: Callable, statics: tuple, ins, outs) -> None:
-            compiled, flops = ops.get(factory, statics, [shapes[s] for s in ins])
-            emit(train, compiled, flops, ins, outs)
+            emit(train, ops.get(factory, statics, [shapes[s] for s in ins]), ins, outs)
 
         def forward(train: bool) -> set[int]:
             aliases = set()
@@ -301,7 +290,7 @@ class LayerwiseNet:
                         ins.append(f"a{e.src}")
                 has_bn = arch.vertices[vid].kind == "bn_relu"
                 if len(ins) == 1 and not has_bn:
-                    emit(train, None, 0.0, ins, [f"a{vid}"])
+                    emit(train, None, ins, [f"a{vid}"])
                     aliases.add(vid)
                     continue
                 bn = [f"{c}/{bn_name(vid)}/{leaf}" for c, leaf in BN_LEAVES] if has_bn else []
@@ -332,14 +321,14 @@ class LayerwiseNet:
             if slot in have_grad:
                 op(True, add, (), [target, grad], [target])
             else:
-                emit(True, None, 0.0, [grad], [target])
+                emit(True, None, [grad], [target])
                 have_grad.add(slot)
 
         for vid in reversed(arch.order[1:]):
             edges = arch.inputs[vid]
             grads = [f"g:{vid}:{i}" for i in range(len(edges))]
             if vid in aliases:
-                emit(True, None, 0.0, [f"g:a{vid}"], grads)
+                emit(True, None, [f"g:a{vid}"], grads)
             else:
                 has_bn = arch.vertices[vid].kind == "bn_relu"
                 ins = [f"e{e.id}" if e.is_conv else f"a{e.src}" for e in edges]
@@ -406,8 +395,7 @@ class LayerwiseNet:
         """The chunk's prepared batches as one array per step (one call for the chunk)."""
         count = xbs.shape[0]
         args = [self._sds(xbs.shape, xbs.dtype), self._sds(ybs.shape, ybs.dtype)]
-        compiled, _ = self._ops.get(unstack, (count,), args)
-        return compiled(xbs, ybs)
+        return self._ops.get(unstack, (count,), args)(xbs, ybs)
 
     def train_chunk(self, state: TrainState, xbs, ybs, n, lr) -> TrainState:
         """The first `n` of the prepared batches, one step each: `steps.make_train_chunk`'s

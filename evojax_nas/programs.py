@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from evojax_nas import layerwise
+from evojax_nas.architecture import flops
 from evojax_nas.conv import compiler_options, resolve_impl
 from evojax_nas.dna import DNA, architecture_key
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError, NotFoundError, StoreError
@@ -133,8 +134,8 @@ class Programs(NamedTuple):
 
     train_chunk: Callable  # (state, batches x, batches y, n, lr) -> state
     eval_batch: Callable  # (params, batch_stats, x, y, mask) -> number correct
-    flops_train_step: float  # Ft, from XLA's cost analysis (a loop body counts once)
-    flops_eval_batch: float  # Fv
+    flops_train_step: float  # Ft of a training batch (`architecture.flops`)
+    flops_eval_batch: float  # Fv of an evaluation batch
     key: str
     # How this call got them: "compiled", "shared" (the run's store), "memory", or "layers"
     # (layer-wise programs assembled from per-layer programs compiled earlier: no compile).
@@ -222,15 +223,25 @@ def build_layerwise(
     return Programs(
         net.train_chunk,
         net.eval_batch,
-        net.flops_train_step,
-        net.flops_eval_batch,
+        *model_flops(dna, layout, cfg),
         program_key(dna, layout, cfg, target),
         "compiled",
         seconds,
     )
 
 
-def _flops(compiled) -> float:
+def model_flops(dna: DNA, layout: Layout, cfg: TrainConfig) -> tuple[float, float]:
+    """(Ft, Fv): FLOPs of a training step and of an evaluation batch, counted from the
+    architecture (`architecture.flops`), so that every implementation reports the same."""
+    height, width = layout.train_shape[1:3]
+    return (
+        flops(dna, height, width, cfg.batch_size, train=True),
+        flops(dna, height, width, cfg.eval_batch_size, train=False),
+    )
+
+
+def xla_flops(compiled) -> float:
+    """XLA's own FLOP count of a compiled program (a loop body counts once)."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX returns one dict per device
         analysis = analysis[0]
@@ -265,7 +276,7 @@ def compile_programs(
     train_c, eval_c = compiled
     key = program_key(dna, layout, cfg, target)
     programs = Programs(
-        train_c, eval_c, _flops(train_c), _flops(eval_c), key, "compiled", dict(seconds)
+        train_c, eval_c, *model_flops(dna, layout, cfg), key, "compiled", dict(seconds)
     )
     return programs, (train_c, eval_c)
 

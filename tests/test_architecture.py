@@ -95,3 +95,51 @@ def test_an_unhashable_dna_is_resolved_without_the_cache():
     with pytest.raises(TypeError):
         hash(listed)
     assert A.resolve(listed).variables == A.resolve(dna).variables
+
+
+def test_flops_count_convolutions_and_the_dense_layer_by_hand():
+    import jax
+
+    from evojax_nas import dna as D
+    from evojax_nas import mutations as MU
+    from evojax_nas.architecture import flops, multiply_adds, resolve
+
+    dna = D.initial_dna(3, 10, 0.1)
+    assert multiply_adds(dna, 8, 8) == (3 * 10, 2 * 3 * 10)  # the dense layer only
+    child = MU.insert_convolution(dna, None, jax.random.PRNGKey(3))[0]
+    (edge,) = [e for e in child.edges if e.is_conv]
+    arch = resolve(child)
+    kh, kw = edge.filter_shape
+    side = -(-9 // 2**edge.stride_log2)
+    conv = side * side * kh * kw * 3 * arch.shapes[edge.dst].depth
+    dense = arch.shapes[arch.output_id].depth * 10
+    reads_input = arch.vertices[edge.src].role == "input"
+    assert multiply_adds(child, 9, 9) == (
+        conv + dense,
+        conv * (1 if reads_input else 2) + 2 * dense,
+    )
+    forward, backward = multiply_adds(child, 9, 9)
+    assert flops(child, 9, 9, 50, train=False) == 2 * 50 * forward
+    assert flops(child, 9, 9, 50, train=True) == 2 * 50 * (forward + backward)
+
+
+def test_flops_agree_with_xlas_count_of_a_reference_program():
+    """On a net of wide convolutions XLA's own count of its reference forward pass (stock
+    convolution, no tap sums) is the multiply-adds times 2, less the taps on SAME padding."""
+    import jax
+    import jax.numpy as jnp
+
+    from evojax_nas import dna as D
+    from evojax_nas import samples
+    from evojax_nas.architecture import flops
+    from evojax_nas.model import DNANet, init_variables
+
+    dna = D.for_data(samples.read_dna("small_conv"), 3, 10)
+    variables = init_variables(dna, jax.random.PRNGKey(0))
+    model = DNANet(dna, conv_impl="xla")
+    x = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    ratio = analysis["flops"] / flops(dna, 32, 32, 8, train=False)
+    assert 0.9 < ratio < 1.2, ratio  # XLA skips the zero padding at the borders

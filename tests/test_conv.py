@@ -58,8 +58,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["auto", "tap_sum", "convolution"])
 @pytest.mark.parametrize("h,w,cin,cout,kh,kw,stride", CASES)
-def test_conv2d_matches_float64_reference(h, w, cin, cout, kh, kw, stride):
+def test_conv2d_matches_float64_reference(h, w, cin, cout, kh, kw, stride, path, monkeypatch):
+    """Each case through the path its size picks, and through both forced (tap sums for the
+    few-channel layers, XLA's convolution for the others)."""
+    bound = {"auto": C.TAP_SUM_MAX_TERMS, "tap_sum": 10**9, "convolution": 0}[path]
+    monkeypatch.setattr(C, "TAP_SUM_MAX_TERMS", bound)
     rng = np.random.default_rng(h * 1000 + cin * 100 + kh * 10 + stride)
     x = rng.standard_normal((2, h, w, cin)).astype(np.float32)
     k = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)

@@ -104,9 +104,9 @@ def test_layerwise_fitness_and_flops_match_the_whole_program(data):
     assert abs(a.val_accuracy - b.val_accuracy) <= 1 / 21 + 1e-9  # one image at most
     assert _close(a.variables, b.variables)
     assert b.eval_batches == a.eval_batches == 2
-    # Summed per-layer FLOPs: the same order as XLA's count of the whole program.
-    assert 0.5 < b.flops_train_step / a.flops_train_step < 2.5
-    assert 0.5 < b.flops_eval_batch / a.flops_eval_batch < 2.0
+    # FLOPs are counted from the architecture: the same whichever way it trains.
+    assert (a.flops_train_step, a.flops_eval_batch) == (b.flops_train_step, b.flops_eval_batch)
+    assert a.flops_train_step > 0
 
 
 def test_layerwise_is_deterministic_and_resumes_bit_for_bit(data):
