@@ -4,10 +4,11 @@
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 40   # a run's children
     .venv/bin/python scripts/bench_layerwise.py --tiny --json     # seconds: the test's mode
 
-Today a worker compiles two whole programs per new architecture (`programs.compile_programs`:
-a chunk of training steps and an evaluation batch). This benchmark compares that, in one
-process and architecture by architecture, with a *layer-wise* driver: every operation of the
-net has its own small compiled program, cached by its signature (operation, static numbers,
+With `train_impl: "whole"` a worker compiles two whole programs per new architecture
+(`programs.compile_programs`: a chunk of training steps and an evaluation batch). This benchmark
+compares that, in one process and architecture by architecture, with `train_impl: "layerwise"`
+(`evojax_nas.layerwise`, which began as this script's prototype): every operation of the net
+has its own small compiled program, cached by its signature (operation, static numbers,
 argument shapes and dtypes) across all the architectures of the sequence, and Python runs a
 training step as a sequence of calls:
 
@@ -27,9 +28,9 @@ So a new architecture compiles only the signatures no earlier architecture had. 
 train on the same prepared batches (synthetic data in the layout of the dataset: the input
 pipeline is one program per worker for the whole run in either case, so it is left out), and
 evaluate the same number of validation batches. Before timing, the layer-wise driver is
-checked against the whole program on one architecture: the first step's loss, the gradients
-(the momentum buffers after one step from zero are gradient + weight decay) and the
-parameters, batch statistics and momenta after a few steps must agree (allclose).
+checked against the whole program on one architecture: the gradients (the momentum buffers
+after one step from zero are gradient + weight decay) and the parameters, batch statistics and
+momenta after one and a few steps must agree (allclose).
 
 Printed per architecture and in total: trace+lower+compile seconds of each path, seconds for
 the child's training steps and for its evaluation, the projected non-training share
@@ -38,7 +39,8 @@ every child a new architecture and with the share of new architectures of a real
 (`--new-fraction`, or measured from `--run`'s records); plus distinct layer signatures against
 architectures. Selection, mutation and publishing cost the same in both paths and are left out.
 
-Measured on the 2-core development machine under `nice -n 10` while the lead's campaign ran
+Measured with the prototype (commit 3330412, before few-channel convolutions ran as tap sums)
+on the 2-core development machine under `nice -n 10` while the lead's campaign ran
 (load average 6-8.5), mnist5k layout, 200 steps per child (JAX 0.10.2):
 
 - `--mutations 80 --limit 40` (40 distinct architectures, 0-3 convolutions): 148 layer
@@ -150,363 +152,6 @@ def run_dnas(root: str) -> tuple[list, float]:
     return out, len(out) / max(len(born), 1)
 
 
-# ---------------------------------------------------------------------- the layer-wise driver
-
-
-class OpCache:
-    """Compiled per-operation programs by signature; counts the seconds spent compiling."""
-
-    def __init__(self, options: dict):
-        self.options = options
-        self.ops: dict = {}
-        self.seconds = 0.0
-
-    def get(self, name: str, statics: tuple, fn, *args):
-        """The compiled `fn` for abstract `args`; compiled (and timed) on a new signature."""
-        import jax
-
-        sig = (name, statics, tuple((tuple(a.shape), str(a.dtype)) for a in args))
-        if sig not in self.ops:
-            t0 = time.perf_counter()
-            jitted = jax.jit(fn, compiler_options=self.options)
-            self.ops[sig] = jitted.trace(*args).lower().compile()
-            self.seconds += time.perf_counter() - t0
-        return self.ops[sig]
-
-
-def _sgd(p, g, m, lr, momentum: float, decay: float):
-    """optax.add_decayed_weights then optax.trace, then p - lr * update (steps.py)."""
-    g = g + decay * p if decay else g
-    m = g + momentum * m
-    return p - lr * m, m
-
-
-def _op_functions(impl: str, classes: int, momentum: float, weight_decay: float, meta: dict):
-    """The per-operation functions; everything static is a Python argument of the factories."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from evojax_nas.augment import preprocess
-    from evojax_nas.conv import conv2d, xla_conv2d
-    from evojax_nas.model import BN_EPSILON, BN_MOMENTUM, resolve_inputs
-
-    conv = conv2d if impl == "custom" else xla_conv2d
-    bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
-    dense = nn.Dense(classes)
-
-    def bn_relu(h, scale, bias, mean, var, train: bool):
-        variables = {
-            "params": {"scale": scale, "bias": bias},
-            "batch_stats": {"mean": mean, "var": var},
-        }
-        if not train:
-            return nn.relu(bn.apply(variables, h, use_running_average=True)), mean, var
-        y, new = bn.apply(variables, h, use_running_average=False, mutable=["batch_stats"])
-        return nn.relu(y), new["batch_stats"]["mean"], new["batch_stats"]["var"]
-
-    def conv_fwd(stride):
-        return lambda x, w: conv(x, w, stride)
-
-    def conv_bwd(stride, need_dx):
-        def f(x, w, m, dy, lr):
-            _, vjp = jax.vjp(lambda x, w: conv(x, w, stride), x, w)
-            dx, dw = vjp(dy)
-            w, m = _sgd(w, dw, m, lr, momentum, weight_decay)
-            return (dx, w, m) if need_dx else (w, m)
-
-        return f
-
-    def vertex_fwd(n_in: int, has_bn: bool, train: bool):
-        def f(*args):  # inputs..., [scale, bias, mean, var]
-            h = resolve_inputs(args[0], args[1:n_in])
-            if not has_bn:
-                return (h,)
-            return bn_relu(h, *args[n_in:], train=train)
-
-        return f
-
-    def vertex_bwd(n_in: int, has_bn: bool):
-        def f(*args):  # inputs..., [scale, bias, m_scale, m_bias], dy, lr
-            ins, dy, lr = args[:n_in], args[-2], args[-1]
-            params = args[n_in : n_in + 2] if has_bn else ()
-
-            def fwd(ins, params):
-                h = resolve_inputs(ins[0], ins[1:])
-                if not has_bn:
-                    return h
-                zeros = jnp.zeros_like(params[0])  # train mode: the running stats are unused
-                return bn_relu(h, *params, zeros, zeros, train=True)[0]
-
-            _, vjp = jax.vjp(fwd, tuple(ins), tuple(params))
-            d_ins, d_params = vjp(dy)
-            if not has_bn:
-                return d_ins
-            moms = args[n_in + 2 : n_in + 4]
-            new = [
-                _sgd(p, g, m, lr, momentum, 0.0)
-                for p, g, m in zip(params, d_params, moms, strict=True)
-            ]
-            return (*d_ins, new[0][0], new[1][0], new[0][1], new[1][1])
-
-        return f
-
-    def head_train(x, kernel, bias, m_kernel, m_bias, y, lr, bad):
-        def loss_fn(x, kernel, bias):
-            pooled = jnp.mean(x, axis=(1, 2))
-            logits = dense.apply({"params": {"kernel": kernel, "bias": bias}}, pooled)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, vjp = jax.vjp(loss_fn, x, kernel, bias)
-        dx, dk, db = vjp(jnp.ones_like(loss))
-        kernel, m_kernel = _sgd(kernel, dk, m_kernel, lr, momentum, 0.0)
-        bias, m_bias = _sgd(bias, db, m_bias, lr, momentum, 0.0)
-        return loss, bad | ~jnp.isfinite(loss), dx, kernel, bias, m_kernel, m_bias
-
-    def head_eval(x, kernel, bias, y, mask):
-        logits = dense.apply({"params": {"kernel": kernel, "bias": bias}}, jnp.mean(x, (1, 2)))
-        return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
-
-    def prep(x):
-        return preprocess(x, None, train=False, **meta)
-
-    return dict(
-        conv_fwd=conv_fwd,
-        conv_bwd=conv_bwd,
-        vertex_fwd=vertex_fwd,
-        vertex_bwd=vertex_bwd,
-        head_train=head_train,
-        head_eval=head_eval,
-        prep=prep,
-        add=lambda a, b: a + b,
-    )
-
-
-class LayerwiseNet:
-    """One architecture's training step and evaluation batch as sequences of cached programs.
-
-    An instruction is (compiled program or None for an alias, input slot names, output slot
-    names); a step runs them over a dict of slots (activations, parameters, momenta, gradients).
-    """
-
-    def __init__(self, dna, batch: int, image: tuple, eval_batch: int, cache: OpCache, fns):
-        import jax
-        import jax.numpy as jnp
-
-        from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
-
-        arch = resolve(dna)
-        self.train_ops: list = []
-        self.eval_ops: list = []
-        self.param_slots: dict = {}  # slot → (collection, module, leaf)
-        shapes: dict = {}  # slot → ShapeDtypeStruct (per phase)
-        f32 = jnp.float32
-
-        def sds(shape, dtype=f32):
-            return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-        for (coll, module, leaf), shape in arch.variables.items():
-            slot = f"{coll}/{module}/{leaf}"
-            self.param_slots[slot] = (coll, module, leaf)
-            shapes[slot] = sds(shape)
-            if coll == "params":
-                shapes["m:" + slot] = sds(shape)
-        shapes.update(lr=sds(()), bad=sds((), jnp.bool_))
-
-        def emit(ops, compiled, ins, outs):
-            ops.append((compiled, tuple(ins), tuple(outs)))
-            if compiled is None:  # an alias
-                shapes[outs[0]] = shapes[ins[0]]
-            else:
-                for slot, info in zip(
-                    outs, jax.tree_util.tree_leaves(compiled.out_info), strict=True
-                ):
-                    shapes[slot] = sds(info.shape, info.dtype)
-
-        def op(ops, name, statics, fn, ins, outs):
-            emit(ops, cache.get(name, statics, fn, *[shapes[s] for s in ins]), ins, outs)
-
-        def forward(ops, train: bool):
-            aliases = {}
-            for vid in arch.order:
-                if arch.vertices[vid].role == "input":
-                    continue
-                ins = []
-                for e in arch.inputs[vid]:
-                    src = f"a{e.src}"
-                    if e.is_conv:
-                        w = f"params/{conv_name(e.id)}/kernel"
-                        stride = 2**e.stride_log2
-                        op(
-                            ops,
-                            "conv_fwd",
-                            (stride,),
-                            fns["conv_fwd"](stride),
-                            [src, w],
-                            [f"e{e.id}"],
-                        )
-                        ins.append(f"e{e.id}")
-                    else:
-                        ins.append(src)
-                has_bn = arch.vertices[vid].kind == "bn_relu"
-                if len(ins) == 1 and not has_bn:
-                    emit(ops, None, ins, [f"a{vid}"])
-                    aliases[vid] = ins
-                    continue
-                bn = [f"{c}/{bn_name(vid)}/{leaf}" for c, leaf in BN_LEAVES] if has_bn else []
-                outs = [f"a{vid}"] + (bn[2:] if has_bn and train else [])
-                if has_bn and not train:
-                    outs = [f"a{vid}", "_mean", "_var"]
-                fn = fns["vertex_fwd"](len(ins), has_bn, train)
-                op(ops, "vertex_fwd", (len(ins), has_bn, train), fn, ins + bn, outs)
-            return aliases
-
-        # ---- the training step
-        shapes[f"a{arch.order[0]}"] = sds((batch, *image))
-        shapes["y"] = sds((batch,), jnp.int32)
-        aliases = forward(self.train_ops, train=True)
-        out = f"a{arch.output_id}"
-        head = [f"params/{OUTPUT}/kernel", f"params/{OUTPUT}/bias"]
-        op(
-            self.train_ops,
-            "head_train",
-            (),
-            fns["head_train"],
-            [out, *head, *("m:" + h for h in head), "y", "lr", "bad"],
-            ["loss", "bad", "g:" + out, *head, *("m:" + h for h in head)],
-        )
-        have_grad = {out}
-        input_vid = arch.order[0]
-
-        def accumulate(slot: str, grad: str):
-            target = "g:" + slot
-            if slot in have_grad:
-                op(self.train_ops, "add", (), fns["add"], [target, grad], [target])
-            else:
-                emit(self.train_ops, None, [grad], [target])
-                have_grad.add(slot)
-
-        for vid in reversed(arch.order[1:]):
-            if f"a{vid}" not in have_grad:
-                continue  # cannot happen in a valid DNA: every vertex reaches the output
-            edges = arch.inputs[vid]
-            grads = [f"g:{vid}:{i}" for i in range(len(edges))]
-            if vid in aliases:
-                emit(self.train_ops, None, [f"g:a{vid}"], grads)
-            else:
-                has_bn = arch.vertices[vid].kind == "bn_relu"
-                ins = [f"e{e.id}" if e.is_conv else f"a{e.src}" for e in edges]
-                p = (
-                    [f"params/{bn_name(vid)}/{leaf}" for leaf in ("scale", "bias")]
-                    if has_bn
-                    else []
-                )
-                m = ["m:" + s for s in p]
-                fn = fns["vertex_bwd"](len(ins), has_bn)
-                outs = grads + (p + m if has_bn else [])
-                op(
-                    self.train_ops,
-                    "vertex_bwd",
-                    (len(ins), has_bn),
-                    fn,
-                    ins + p + m + [f"g:a{vid}", "lr"],
-                    outs,
-                )
-            for e, g in zip(edges, grads, strict=True):
-                need_dx = e.src != input_vid
-                if e.is_conv:
-                    w = f"params/{conv_name(e.id)}/kernel"
-                    stride = 2**e.stride_log2
-                    fn = fns["conv_bwd"](stride, need_dx)
-                    dx = [f"g:{vid}:{e.id}:dx"] if need_dx else []
-                    op(
-                        self.train_ops,
-                        "conv_bwd",
-                        (stride, need_dx),
-                        fn,
-                        [f"a{e.src}", w, "m:" + w, g, "lr"],
-                        dx + [w, "m:" + w],
-                    )
-                    if need_dx:
-                        accumulate(f"a{e.src}", dx[0])
-                elif need_dx:
-                    accumulate(f"a{e.src}", g)
-
-        # ---- the evaluation batch
-        shapes[f"a{input_vid}"] = sds((eval_batch, *image), jnp.uint8)
-        op(self.eval_ops, "prep", (), fns["prep"], [f"a{input_vid}"], [f"a{input_vid}"])
-        forward(self.eval_ops, train=False)
-        shapes["y"], shapes["mask"] = sds((eval_batch,), jnp.int32), sds((eval_batch,), jnp.bool_)
-        op(self.eval_ops, "head_eval", (), fns["head_eval"], [out, *head, "y", "mask"], ["correct"])
-        self.input_slot = f"a{input_vid}"
-
-    @staticmethod
-    def _run(ops, env: dict) -> None:
-        for compiled, ins, outs in ops:
-            if compiled is None:
-                for o in outs:
-                    env[o] = env[ins[0]]
-                continue
-            res = compiled(*[env[s] for s in ins])
-            if len(outs) == 1 and not isinstance(res, tuple):
-                res = (res,)
-            for o, r in zip(outs, res, strict=True):
-                env[o] = r
-
-    def initial_env(self, variables) -> dict:
-        """Slots of the parameters, statistics and zero momenta, on the device."""
-        import jax
-        import jax.numpy as jnp
-
-        env = {}
-        for slot, (coll, module, leaf) in self.param_slots.items():
-            env[slot] = jax.device_put(variables[coll][module][leaf])
-            if coll == "params":
-                env["m:" + slot] = jnp.zeros_like(env[slot])
-        env["bad"] = jnp.asarray(False)
-        return env
-
-    def train(self, env: dict, batches, steps: int, lr) -> list:
-        """Runs `steps` steps over the prepared batches (cycled); returns each step's loss."""
-        import jax.numpy as jnp
-
-        losses = []
-        env["lr"] = jnp.asarray(lr, jnp.float32)
-        for i in range(steps):
-            env[self.input_slot], env["y"] = batches[i % len(batches)]
-            self._run(self.train_ops, env)
-            losses.append(env["loss"])
-        return losses
-
-    def evaluate(self, env: dict, val_batches) -> int:
-        correct = []
-        for x, y, mask in val_batches:
-            local = dict(env, y=y, mask=mask)
-            local[self.input_slot] = x
-            self._run(self.eval_ops, local)
-            correct.append(local["correct"])
-        return int(sum(int(c) for c in correct))
-
-    def variables(self, env: dict) -> tuple[dict, dict]:
-        """(variables as nested dicts, momenta by (module, leaf)) from the slots."""
-        variables: dict = {"params": {}, "batch_stats": {}}
-        moms: dict = {}
-        for slot, (coll, module, leaf) in self.param_slots.items():
-            variables[coll].setdefault(module, {})[leaf] = env[slot]
-            if coll == "params":
-                moms.setdefault(module, {})[leaf] = env["m:" + slot]
-        return variables, moms
-
-
-BN_LEAVES = (
-    ("params", "scale"),
-    ("params", "bias"),
-    ("batch_stats", "mean"),
-    ("batch_stats", "var"),
-)
-
-
 # ------------------------------------------------------------------------------ the benchmark
 
 
@@ -518,6 +163,7 @@ class Bench:
         import numpy as np
 
         from evojax_nas.conv import compiler_options, resolve_impl
+        from evojax_nas.layerwise import OpCache
         from evojax_nas.programs import Layout, Target, chunk_length
         from evojax_nas.steps import TrainConfig
 
@@ -534,7 +180,6 @@ class Bench:
         # Prepared (normalised) training batches, as `steps.make_batches` makes them.
         self.xbs = jax.device_put(rng.standard_normal((k, b, *self.image)).astype(np.float32))
         self.ybs = jax.device_put(rng.integers(0, 10, (k, b)).astype(np.int32))
-        self.batch_list = [(self.xbs[i], self.ybs[i]) for i in range(k)]
         eb, n_val = self.cfg.eval_batch_size, spec["n_val"]
         self.val = []
         for i in range(-(-n_val // eb)):
@@ -542,18 +187,15 @@ class Bench:
             y = rng.integers(0, 10, eb).astype(np.int32)
             mask = np.arange(i * eb, (i + 1) * eb) < n_val
             self.val.append(tuple(jax.device_put(a) for a in (x, y, mask)))
-        jax.block_until_ready((self.xbs, self.ybs, self.batch_list, self.val))
+        jax.block_until_ready((self.xbs, self.ybs, self.val))
         self.key = jax.random.PRNGKey(seed)
 
-    def functions(self, classes: int) -> dict:
-        cfg = self.cfg
-        return _op_functions(self.impl, classes, cfg.momentum, cfg.weight_decay, self.layout.meta)
+    def net(self, dna, cache=None):
+        """The package's layer-wise net (`evojax_nas.layerwise`) on this benchmark's cache."""
+        from evojax_nas import layerwise
 
-    def net(self, dna, cache: OpCache | None = None) -> LayerwiseNet:
         cache = cache if cache is not None else self.cache
-        fns = self.functions(dna.num_classes)
-        eb = self.cfg.eval_batch_size
-        return LayerwiseNet(dna, self.cfg.batch_size, self.image, eb, cache, fns)
+        return layerwise.build(dna, self.layout, self.cfg, self.impl, cache)
 
     def chunks(self, steps: int) -> list[int]:
         """The chunk lengths `train.run_training` runs: at most `chunk_length`, per epoch."""
@@ -568,105 +210,79 @@ class Bench:
             step += n
         return out
 
-    def whole(self, dna, variables) -> dict:
-        """Today's path: compile both programs, train the child's steps, evaluate."""
+    def _train(self, programs, variables, steps: int):
+        """`train.run_training`'s chunks over the prepared batches; returns the state."""
         import jax
         import numpy as np
 
-        from evojax_nas.programs import compile_programs
         from evojax_nas.train import initial_state
 
-        t0 = time.perf_counter()
-        programs, _ = compile_programs(dna, self.layout, self.cfg, self.target)
-        t1 = time.perf_counter()
-        state = jax.block_until_ready(initial_state(variables, self.cfg))
-        lr = np.float32(dna.learning_rate)
-        t2 = time.perf_counter()
-        for n in self.chunks(self.cfg.steps):
+        state = initial_state(variables, self.cfg)
+        lr = np.float32(0.05)
+        for n in self.chunks(steps):
             state = programs.train_chunk(state, self.xbs, self.ybs, np.int32(n), lr)
             if bool(state.bad):  # run_training's divergence check, once per chunk
                 break
-        jax.block_until_ready(state)
-        t3 = time.perf_counter()
+        return jax.block_until_ready(state)
+
+    def _run(self, variables, get_programs) -> dict:
+        t0 = time.perf_counter()
+        programs = get_programs()
+        t1 = time.perf_counter()
+        state = self._train(programs, variables, self.cfg.steps)
+        t2 = time.perf_counter()
         correct = sum(
             int(programs.eval_batch(state.params, state.batch_stats, *v)) for v in self.val
         )
-        t4 = time.perf_counter()
-        return {
-            "compile": t1 - t0,
-            "compile_parts": dict(programs.seconds),
-            "train": t3 - t2,
-            "eval": t4 - t3,
-            "correct": correct,
-        }
+        t3 = time.perf_counter()
+        return {"compile": t1 - t0, "train": t2 - t1, "eval": t3 - t2, "correct": correct}
+
+    def whole(self, dna, variables) -> dict:
+        """The whole-program path: compile both programs, train the child's steps, evaluate."""
+        from evojax_nas.programs import compile_programs
+
+        return self._run(
+            variables, lambda: compile_programs(dna, self.layout, self.cfg, self.target)[0]
+        )
 
     def layerwise(self, dna, variables) -> dict:
         """The layer-wise path: compile the new signatures, train the child's steps, evaluate."""
-        import jax
+        before_s, before_n = self.cache.seconds, len(self.cache)
+        nets = []
 
-        before_s, before_n = self.cache.seconds, len(self.cache.ops)
-        t0 = time.perf_counter()
-        net = self.net(dna)
-        t1 = time.perf_counter()
-        env = jax.block_until_ready(net.initial_env(variables))
-        t2 = time.perf_counter()
-        net.train(env, self.batch_list, self.cfg.steps, dna.learning_rate)
-        jax.block_until_ready(env)
-        t3 = time.perf_counter()
-        correct = net.evaluate(env, self.val)
-        t4 = time.perf_counter()
-        return {
-            "compile": t1 - t0,  # new signatures' trace+lower+compile, and planning
-            "compile_new_signatures": self.cache.seconds - before_s,
-            "new_signatures": len(self.cache.ops) - before_n,
-            "calls_per_step": sum(c is not None for c, _, _ in net.train_ops),
-            "train": t3 - t2,
-            "eval": t4 - t3,
-            "correct": correct,
-        }
+        def build():
+            nets.append(self.net(dna))
+            return nets[-1]
+
+        out = self._run(variables, build)
+        out["compile_new_signatures"] = self.cache.seconds - before_s
+        out["new_signatures"] = len(self.cache) - before_n
+        out["calls_per_step"] = nets[0].calls_per_step
+        return out
 
     def check(self, dna, steps: int = 3) -> dict:
-        """Whole program against layer-wise driver on `dna`: loss, gradients, state (allclose)."""
+        """Whole program against layer-wise net on `dna`: variables and momenta (allclose)."""
         import jax
         import jax.numpy as jnp
         import numpy as np
-        import optax
 
-        from evojax_nas.model import DNANet, init_variables
+        from evojax_nas.layerwise import OpCache, momentum_buffers
+        from evojax_nas.model import init_variables
         from evojax_nas.programs import compile_programs
-        from evojax_nas.train import initial_state
 
         variables = init_variables(dna, self.key)
         programs, _ = compile_programs(dna, self.layout, self.cfg, self.target)
-        model = DNANet(dna, conv_impl=self.impl)
-
-        @jax.jit
-        def first_loss(params, stats, xb, yb):
-            logits, _ = model.apply(
-                {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-        lr = np.float32(dna.learning_rate)
         net = self.net(dna, OpCache(self.options))  # its own cache: the timed one stays cold
         errors, ok = {}, True
-        loss_a = float(
-            first_loss(variables["params"], variables["batch_stats"], *self.batch_list[0])
-        )
         for n in (1, steps):
-            state = programs.train_chunk(
-                initial_state(variables, self.cfg), self.xbs, self.ybs, np.int32(n), lr
-            )
-            env = net.initial_env(variables)
-            losses = net.train(env, self.batch_list, n, dna.learning_rate)
-            got, moms = net.variables(env)
-            want = {"params": state.params, "batch_stats": state.batch_stats}
+            want, got = (self._train(p, variables, n) for p in (programs, net))
             pairs = {
-                "variables": (want, got),
-                "momenta" if n > 1 else "gradients": (state.opt_state[1].trace, moms),
+                "variables": ((want.params, want.batch_stats), (got.params, got.batch_stats)),
+                "momenta" if n > 1 else "gradients": (
+                    momentum_buffers(want.opt_state),
+                    momentum_buffers(got.opt_state),
+                ),
             }
-            if n == 1:
-                pairs["loss"] = (jnp.asarray(loss_a), losses[0])
             for what, (a, b) in pairs.items():
                 a, b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
                 assert len(a) == len(b), what
@@ -681,7 +297,7 @@ class Bench:
                     "max_abs": scale,
                 }
                 ok = ok and close
-        return {"ok": ok, "errors": errors, "loss": loss_a}
+        return {"ok": ok, "errors": errors}
 
 
 def describe_counts(dna) -> dict:
@@ -763,7 +379,7 @@ def bench(args) -> dict:
         "dataset_layout": args.dataset,
         "steps": args.steps,
         "architectures": len(rows),
-        "signatures": len(b.cache.ops),
+        "signatures": len(b.cache),
         "signatures_by_op": _count_ops(b.cache),
         "new_fraction": new_fraction,
         "rows": rows,
@@ -775,9 +391,9 @@ def bench(args) -> dict:
     }
 
 
-def _count_ops(cache: OpCache) -> dict:
+def _count_ops(cache) -> dict:
     counts: dict = {}
-    for sig in cache.ops:
+    for sig in cache._ops:
         counts[sig[0]] = counts.get(sig[0], 0) + 1
     return counts
 
