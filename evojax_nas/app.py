@@ -13,7 +13,7 @@ import functools
 import time
 from typing import Any
 
-from evojax_nas.config import EvolutionConfig, from_dict
+from evojax_nas.config import EvolutionConfig, stored_config
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError
 from evojax_nas.state import CONTROL, HISTORY, Control
 from evojax_nas.steering import Adjustment, steer
@@ -84,7 +84,7 @@ def open_run(where: str | Store, *, retry: bool = False) -> Run:
     store = open_store(where, create=False) if isinstance(where, str) else where
     if retry:
         store = retrying(store)
-    return Run(store, from_dict(store.read_config()))
+    return Run(store, stored_config(store.read_config()))
 
 
 def adjust(store: Store, change: Adjustment, *, now: float | None = None) -> Control:

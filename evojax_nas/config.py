@@ -166,6 +166,18 @@ def from_dict(data: Any) -> EvolutionConfig:
     return validate_config(EvolutionConfig(**{k: v for k, v in data.items() if k in names}))
 
 
+# Fields added after runs were first stored, with the value such a run used: a stored config
+# without one is read with that value, not today's default (replay must train as the run did).
+STORED_BEFORE = {"train_impl": "whole"}
+
+
+def stored_config(data: Any) -> EvolutionConfig:
+    """The config a run stored in its store (`Store.read_config`), as that run used it."""
+    if isinstance(data, dict):
+        data = {**STORED_BEFORE, **data}
+    return from_dict(data)
+
+
 def load_config(spec: str) -> EvolutionConfig:
     """`quick`, `paper`, or the path of a JSON file (copy a built-in one to start)."""
     if spec in BUILTIN:

@@ -5,7 +5,9 @@ but ~2-4 calls per layer of small programs, each compiled once per *signature* (
 static numbers, argument shapes) and reused by every later architecture that has a layer of
 the same signature. A new architecture then compiles only the layers no earlier one had: on the
 default job's architectures compiling took 65 s instead of 389 s, while training took 1.2x as
-long (`scripts/bench_layerwise.py`; README, "Where a worker's time goes").
+long (`scripts/bench_layerwise.py`; README, "Layer-wise training"). `train_impl: "auto"` picks
+this on a CPU for short training (`evolution.resolve_train_impl`). Each worker keeps its own
+layer programs (`programs.ProgramCache.layers`); none go through the run's store.
 
 A step, for a DNA resolved by `evojax_nas.architecture`:
 
@@ -63,7 +65,7 @@ class OpCache:
         self.capacity = capacity
         self.compiles = 0
         self.seconds = 0.0
-        self._ops: collections.OrderedDict[tuple, tuple[Any, float]] = collections.OrderedDict()
+        self._ops: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

@@ -553,21 +553,34 @@ class ProgramCache:
 class CompileCounter:
     """Counts XLA backend compiles in this process while active (a context manager).
 
-    Tracing is not compiling: a jit cache hit, a shared program or a memory hit count 0.
+    Tracing is not compiling: a jit cache hit, a shared program or a memory hit count 0, and so
+    does a program loaded from JAX's persistent compilation cache (counted in `cache_hits`;
+    JAX reports its retrieval as a backend compile too).
     """
 
     def __init__(self):
-        self.count = 0
+        self._requests = 0
+        self.cache_hits = 0
 
-    def _listener(self, event: str, duration: float, **_: Any) -> None:
+    @property
+    def count(self) -> int:
+        return self._requests - self.cache_hits
+
+    def _duration(self, event: str, duration: float, **_: Any) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
+            self._requests += 1
+
+    def _event(self, event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
 
     def __enter__(self) -> CompileCounter:
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
         return self
 
     def __exit__(self, *exc) -> None:
         from jax._src import monitoring
 
-        monitoring.unregister_event_duration_listener(self._listener)
+        monitoring.unregister_event_duration_listener(self._duration)
+        monitoring.unregister_event_listener(self._event)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from evojax_nas import dna as dna_lib
-from evojax_nas.config import from_dict as config_from_dict
+from evojax_nas.config import stored_config
 from evojax_nas.errors import CheckpointError, EvojaxNasError, NotFoundError, StoreError
 from evojax_nas.evolution import Evaluator
 from evojax_nas.keys import TRAIN, for_purpose, key_from_json
@@ -36,7 +36,7 @@ def _key(record: dict) -> jax.Array:
 
 def rebuild(store: Store, record: dict, input_channels: int, num_classes: int):
     """The (DNA, untrained variables) that the record's event produced, from the parent."""
-    cfg = config_from_dict(store.read_config())
+    cfg = stored_config(store.read_config())
     key = _key(record)
     if record.get("parent") is None:
         return make_initial(key, input_channels, num_classes, cfg.initial_learning_rate)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from evojax_nas.app import open_run
-from evojax_nas.config import EvolutionConfig, from_dict
+from evojax_nas.config import EvolutionConfig, stored_config
 from evojax_nas.errors import ConcurrencyError, ConfigError, EvojaxNasError, NotFoundError
 from evojax_nas.hints import command
 from evojax_nas.lifecycle import (
@@ -46,7 +46,7 @@ def create_or_join(store: Store, cfg: EvolutionConfig | None) -> EvolutionConfig
     if cfg is not None and store.write_config(cfg.to_dict()):
         return cfg
     try:
-        stored = from_dict(store.read_config())
+        stored = stored_config(store.read_config())
     except NotFoundError:
         raise ConfigError(
             f"{store.url} holds no run: start one with `{command()} evolve --out {store.url}`"
@@ -176,12 +176,16 @@ def worker_main(
     most the child that refills it). `run_max_children` also stops it when the whole run has
     trained that many (checked every few events: other workers count too).
     """
-    from evojax_nas.evolution import Worker, background_compile, run_worker
+    from evojax_nas.evolution import Worker, background_compile, run_worker, train_config
     from evojax_nas.train import enable_compilation_cache
 
     run = open_run(url, retry=True)  # waits out storage outages
     store, cfg = run.store, run.cfg
-    if cfg.compile_cache == "worker":  # else programs come from the run's store
+    if train_config(cfg).train_impl == "layerwise":
+        # Layer programs are small and many, and not shared through the store: the other
+        # workers of this host, and later runs, find them in JAX's persistent cache.
+        enable_compilation_cache(min_compile_seconds=0.0)
+    elif cfg.compile_cache == "worker":  # else programs come from the run's store
         enable_compilation_cache()
     task = run.task
     worker = Worker(store, cfg, worker_id, task.evaluator(), task.input_channels, task.num_classes)
@@ -475,7 +479,7 @@ def run_status(store: Store, now: float | None = None) -> dict:
     training time (pauses between sessions excluded).
     """
     now = time.time() if now is None else now
-    cfg = from_dict(store.read_config())
+    cfg = stored_config(store.read_config())
     members = store.population()
     records = store.records()
     done = sorted(trained(records), key=lambda r: r["born"])

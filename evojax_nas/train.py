@@ -55,12 +55,14 @@ class TrainResult:
         return self.flops_train_step * self.steps_run + self.flops_eval_batch * self.eval_batches
 
 
-def enable_compilation_cache() -> str | None:
+def enable_compilation_cache(min_compile_seconds: float = 0.5) -> str | None:
     """Turns on XLA's persistent compilation cache for this process (entry points only).
 
     A repeated architecture then compiles in a fraction of the time in a new process (DESIGN §6).
     Processes that share compiled programs through a run's store do without it (see
-    `evojax_nas.programs.SharedPrograms.save`).
+    `evojax_nas.programs.SharedPrograms.save`). Programs that compiled faster than
+    `min_compile_seconds` are not kept (0 keeps all: the small layer programs of
+    `train_impl: "layerwise"`).
     The directory is `$EVOJAX_NAS_XLA_CACHE` (empty turns the cache off), by default
     `~/.cache/evojax_nas/xla`. Returns the directory used, or None.
     """
@@ -69,7 +71,7 @@ def enable_compilation_cache() -> str | None:
     if not path:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return path
 
 

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -112,7 +113,18 @@ def run_one(url: str, group: str, seed: int, steps: int, args: argparse.Namespac
         logging.warning("%s exists: not run again", url)
         return
     start = time.time()
-    progress = evolve(url, run_config(group, seed, steps, args), out=io.StringIO())
+    # Each run with an empty persistent XLA cache of its own (layer-wise workers use one):
+    # a run must not start with the programs an earlier run of the comparison compiled.
+    with tempfile.TemporaryDirectory(prefix="xla-") as xla:
+        before = os.environ.get("EVOJAX_NAS_XLA_CACHE")
+        os.environ["EVOJAX_NAS_XLA_CACHE"] = xla
+        try:
+            progress = evolve(url, run_config(group, seed, steps, args), out=io.StringIO())
+        finally:
+            if before is None:
+                os.environ.pop("EVOJAX_NAS_XLA_CACHE", None)
+            else:
+                os.environ["EVOJAX_NAS_XLA_CACHE"] = before
     logging.warning(
         "%-15s %4d steps, seed %d: %d children, best val %.4f, %.1f min",
         group,

@@ -140,4 +140,4 @@ def _no_persistent_compilation_cache_in_process(monkeypatch):
     """`cli.main` run in-process would turn on JAX's persistent compilation cache for the whole
     test process; with it on, programs are not shared through a store, so later tests would
     behave differently depending on test order. Subprocesses (real entry points) keep it."""
-    monkeypatch.setattr("evojax_nas.train.enable_compilation_cache", lambda: None)
+    monkeypatch.setattr("evojax_nas.train.enable_compilation_cache", lambda *a, **k: None)

@@ -59,3 +59,23 @@ def test_overrides_apply_only_given_values_and_are_validated():
     assert cfg.population == 5 and cfg.seed == load_config("quick").seed
     with pytest.raises(ConfigError):
         with_overrides(cfg, selection="nope")
+
+
+def test_a_run_stored_before_train_impl_existed_is_read_as_whole():
+    from evojax_nas.config import EvolutionConfig, from_dict, stored_config
+
+    old = EvolutionConfig().to_dict()
+    del old["train_impl"]
+    assert from_dict(old).train_impl == "auto"  # a new config file gets today's default
+    assert stored_config(old).train_impl == "whole"  # a stored run, what trained it then
+    assert stored_config({**old, "train_impl": "layerwise"}).train_impl == "layerwise"
+
+
+def test_auto_train_impl_resolves_by_platform_and_steps():
+    from evojax_nas.evolution import LAYERWISE_MAX_STEPS, resolve_train_impl
+
+    assert resolve_train_impl("auto", 200, "cpu") == "layerwise"
+    assert resolve_train_impl("auto", LAYERWISE_MAX_STEPS + 1, "cpu") == "whole"
+    assert resolve_train_impl("auto", 200, "tpu") == "whole"
+    assert resolve_train_impl("whole", 200, "cpu") == "whole"
+    assert resolve_train_impl("layerwise", 25_600, "tpu") == "layerwise"

@@ -235,3 +235,45 @@ def test_a_finished_prefetch_reports_how_it_got_the_programs(data):
     other.close()  # waits for the prefetch
     assert other.get(dna, data.layout, LAYERS).source == "layers"
     assert other.counts == {"layers": 1}
+
+
+_PROCESS = """
+import sys
+import jax
+from evojax_nas import dna as D, samples
+from evojax_nas.programs import CompileCounter, ProgramCache
+from evojax_nas.train import enable_compilation_cache
+sys.path.insert(0, {tests!r})
+from test_layerwise import LAYERS, dataset
+from evojax_nas.train import DeviceData
+enable_compilation_cache(min_compile_seconds=0.0)
+data = DeviceData.upload(dataset(), LAYERS.eval_batch_size)
+dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
+with CompileCounter() as counter:
+    ProgramCache().get(dna, data.layout, LAYERS)
+print("compiles", counter.count, "hits", counter.cache_hits)
+"""
+
+
+def test_a_second_process_finds_the_layer_programs_in_the_persistent_cache(tmp_path):
+    """What a layer-wise worker does (`runner.worker_main`): the other workers of the host, and
+    later runs, load its layer programs from JAX's persistent cache instead of compiling."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EVOJAX_NAS_XLA_CACHE=str(tmp_path / "xla"), JAX_PLATFORMS="cpu")
+    script = _PROCESS.format(tests=str(pathlib.Path(__file__).parent))
+    counts = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        _, compiles, _, hits = out.stdout.split()[-4:]
+        counts.append((int(compiles), int(hits)))
+    (first, first_hits), (second, second_hits) = counts
+    assert first > 5 and first_hits == 0, counts
+    assert second == 0 and second_hits == first, counts
+    assert any((tmp_path / "xla").iterdir())

@@ -25,16 +25,17 @@ N_TRAIN, N_VAL, STEPS = 45_000, 5_000, 25_600
 
 
 def compile_for_tpu(dna, target, config) -> dict:
-    from evojax_nas.programs import Layout, compile_programs
+    from evojax_nas.programs import Layout, compile_programs, xla_flops
 
     cifar = Layout(
         (N_TRAIN, 32, 32, 3), "uint8", (125.3, 123.0, 113.9), (63.0, 62.1, 66.7), "cifar"
     )
-    programs, _ = compile_programs(dna, cifar, config, target)
-    ft, fe, eb = programs.flops_train_step, programs.flops_eval_batch, config.eval_batch_size
+    programs, (train_c, eval_c) = compile_programs(dna, cifar, config, target)
+    ft, fe, eb = xla_flops(train_c), xla_flops(eval_c), config.eval_batch_size
     return {
         "flops_train_step": ft,
         "flops_eval_batch": fe,
+        "model_flops_train_step": programs.flops_train_step,  # `architecture.flops`
         "flops_child": STEPS * ft + (N_VAL // eb) * fe,
         "compile_seconds": {k: round(v, 1) for k, v in programs.seconds.items()},
     }
