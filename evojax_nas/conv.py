@@ -97,8 +97,9 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
 # A convolution with at most this many multiply-adds per output pixel (taps x in x out
 # channels) runs as a sum of shifted, scaled copies of its input, which XLA:CPU fuses into one
 # loop; its convolution kernel has a large fixed cost at the few channels evolution starts
-# from. Measured at batch 50, 28x28 (forward + dx): 1->1 channel 3x3 0.08 ms vs 1.2 ms;
-# 4->4 3x3 0.5 vs 1.9 ms; 8->8 3x3 2.2 vs 1.2 ms (so the bound sits between).
+# from. `scripts/bench_tap_conv.py` (batch 50, 28x28, forward + backward, tap sum faster by):
+# 1->1 3x3 4.8x, 2->2 3x3 2.7x, 4->4 3x3 1.5x, 1->1 5x5 3.3x; but 2->2 5x5 0.86x, and outside
+# the bound 4->8 3x3 1.1x, 4->4 5x5 0.7x, 8->8 3x3 0.3x.
 TAP_SUM_MAX_TERMS = 160
 
 
