@@ -14,8 +14,11 @@ device; never on the weights or the learning rate. `ProgramCache` finds them, in
    again.
 
 `prefetch` does this in a background thread, so the next child's programs are ready when the
-current child finishes training. A `Target` can be a TPU described by its topology: programs
-then compile for a TPU on a machine without one (DESIGN §5).
+current child finishes training. With `train_impl: "layerwise"` the programs are assembled
+from per-layer programs instead (`evojax_nas.layerwise`, `ProgramCache.layers`), which a worker
+compiles once per layer signature and never shares through the store. A `Target` can be a
+TPU described by its topology: programs then compile for a TPU on a machine without one
+(DESIGN §5).
 
 Security: a serialized executable is machine code. A worker loads only programs whose digest
 matches the one recorded beside them, through an unpickler that admits only the few JAX types

@@ -119,27 +119,15 @@ def test_layerwise_is_deterministic_and_resumes_bit_for_bit(data):
     def on_chunk(step, state):
         seen[step] = jax.device_get(state)
 
-    full = run_training(
-        ProgramCache().get(dna, data.layout, cfg),
-        variables,
-        data,
-        key,
-        0.05,
-        cfg,
-        on_chunk=on_chunk,
-    )
-    again = run_training(ProgramCache().get(dna, data.layout, cfg), variables, data, key, 0.05, cfg)
+    def train(**kwargs):  # each time with a fresh program cache, as a new process would
+        programs = ProgramCache().get(dna, data.layout, cfg)
+        return run_training(programs, variables, data, key, 0.05, cfg, **kwargs)
+
+    full = train(on_chunk=on_chunk)
+    again = train()
     assert _equal(full[0], again[0])  # a replay in a fresh process computes the same bits
     step = sorted(seen)[1]
-    resumed = run_training(
-        ProgramCache().get(dna, data.layout, cfg),
-        variables,
-        data,
-        key,
-        0.05,
-        cfg,
-        start=(step, seen[step]),
-    )
+    resumed = train(start=(step, seen[step]))
     assert resumed[1:] == full[1:] and _equal(resumed[0], full[0])
 
 
