@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from evojax_nas.cli_common import positive_int
+from evojax_nas.config import TRAIN_IMPLS
 from evojax_nas.data import DATASETS
 from evojax_nas.errors import ConfigError, DNAError
 
@@ -51,7 +52,7 @@ def add_command(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=None, help="override the DNA's")
     p.add_argument(
         "--train-impl",
-        choices=("auto", "whole", "layerwise"),
+        choices=TRAIN_IMPLS,
         default="auto",
         help="whole: one compiled program; layerwise: per-layer programs; auto (default): as "
         "a run with these --steps trains its children (layerwise on a CPU up to 1000 steps)",

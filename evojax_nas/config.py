@@ -19,7 +19,7 @@ from evojax_nas.mutation_names import MUTATION_NAMES as MUTATIONS
 SELECTIONS = ("tournament", "random", "aging")
 COMPILE_CACHES = ("store", "worker")
 BUILTIN = ("quick", "paper")
-TRAIN_IMPLS = ("auto", "whole", "layerwise")  # `evolution.train_impl` resolves "auto"
+TRAIN_IMPLS = ("auto", "whole", "layerwise")  # `evolution.resolve_train_impl` resolves "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,9 @@ class EvolutionConfig:
     # How a child's training runs: "whole" (one compiled program per architecture),
     # "layerwise" (small programs per layer signature, compiled once for the whole run:
     # evojax_nas/layerwise.py), or "auto": layerwise on a CPU for up to 1,000 steps per child,
-    # whole otherwise (measured: README, "Compiling"). The two agree to float rounding, not
-    # bit for bit; a replay resolves "auto" as the run did (same platform, same steps).
+    # whole otherwise (measured: README, "Layer-wise training"). The two agree to float
+    # rounding, not bit for bit; a replay resolves "auto" as the run did (same platform and
+    # steps).
     train_impl: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:

@@ -583,7 +583,7 @@ class TrainingEvaluator:
 
 # `train_impl: "auto"` trains layer-wise on a CPU up to this many steps per child: there a new
 # architecture's whole-program compile costs more than its training, while layer-wise steps
-# are slower (README, "Compiling": measured crossover between 800 and 2,000 steps).
+# are slower (README, "Layer-wise training"; crossover measured between 800 and 2,000 steps).
 LAYERWISE_MAX_STEPS = 1000
 
 

@@ -28,7 +28,6 @@ not bit for bit: the implementation is part of a run's config, so a replay uses 
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 import time
 from collections.abc import Callable
@@ -449,11 +448,6 @@ def with_momentum_buffers(opt_state, trace) -> Any:
     )
 
 
-@functools.cache
-def _meta_key(mean: tuple, std: tuple, augment: str) -> tuple:
-    return (tuple(float(m) for m in mean), tuple(float(s) for s in std), augment)
-
-
 def build(dna, layout, cfg, impl: str, ops: OpCache, sharding=None) -> LayerwiseNet:
     """The layer-wise net of `dna` for a data layout and training config (`programs.Layout`,
     `steps.TrainConfig`); compiles the signatures `ops` does not have yet."""
@@ -466,7 +460,7 @@ def build(dna, layout, cfg, impl: str, ops: OpCache, sharding=None) -> Layerwise
         impl=impl,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
-        meta=_meta_key(layout.mean, layout.std, layout.augment),
+        meta=(layout.mean, layout.std, layout.augment),  # `Layout` holds them as tuples
         ops=ops,
         sharding=sharding,
     )

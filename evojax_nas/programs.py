@@ -228,7 +228,7 @@ def build_layerwise(
         net.eval_batch,
         *model_flops(dna, layout, cfg),
         program_key(dna, layout, cfg, target),
-        "compiled",
+        "compiled" if compile_s else "layers",
         seconds,
     )
 
@@ -515,8 +515,6 @@ class ProgramCache:
     def _obtain(self, key: str, dna: DNA, layout: Layout, cfg: TrainConfig) -> Programs:
         if cfg.train_impl == "layerwise":  # per-layer programs: cheap, kept by each worker
             programs = build_layerwise(dna, layout, cfg, self.target, self.layers)
-            if programs.seconds["compile"] == 0:
-                programs = programs._replace(source="layers")
             return self._remember(key, programs)
         programs, claimed = None, False
         if self.shared is not None:

@@ -1,6 +1,7 @@
 """Shared test fixtures (instead of test modules importing each other)."""
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,43 @@ def make_synthetic_run(path, **cfg_changes):
     conv = D.for_data(read_dna("small_conv"), 1, 10)  # convolutions and batch-norm statistics
     publish(store, "c4", conv, val=0.35, born=1300.0, parent="i3", key=4)
     return store
+
+
+def make_tiny_run(path, data, **cfg_changes):
+    """A tiny in-process evolution (6 children: convolutions inserted, identities, learning
+    rates) on `data` (`make_random_dataset(100, 8, 3, 4)`); returns (store, evaluate)."""
+    from evojax_nas.evolution import Worker, training_evaluator
+
+    cfg = dataclasses.replace(
+        EvolutionConfig(),
+        population=3,
+        steps=4,
+        eval_batch_size=50,
+        dataset="random",
+        seed=11,
+        mutation_weights={"insert_convolution": 1.0, "identity": 1.0, "alter_learning_rate": 1.0},
+        **cfg_changes,
+    )
+    store = open_store(str(path))
+    store.write_config(cfg.to_dict())
+    evaluate = training_evaluator(data, cfg)
+    worker = Worker(store, cfg, 0, evaluate, 3, 4)
+    while worker.children < 6:
+        worker.step()
+    return store, evaluate
+
+
+def run_script(script, *args: str, timeout: float = 300) -> dict:
+    """Runs `scripts/<script>` as a user would, with `args`; its JSON output."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    out = subprocess.run(
+        [sys.executable, os.path.join(path, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
 
 
 @pytest.fixture

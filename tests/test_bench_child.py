@@ -1,25 +1,17 @@
 """scripts/bench_child.py in its tiny mode, so that the benchmark cannot rot."""
 
 import importlib.util
-import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_child.py"
+try:
+    from tests.conftest import run_script
+except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
+    from conftest import run_script
 
 
 def _run(*args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+    return run_script("bench_child.py", "--tiny", "--json", *args)
 
 
 def test_cpu_breakdown_and_a_second_worker_that_compiles_nothing():

@@ -1,12 +1,14 @@
 """scripts/bench_layerwise.py in its tiny mode, and its layer-wise driver's signature cache."""
 
 import importlib.util
-import json
 import pathlib
-import subprocess
-import sys
 
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_layerwise.py"
+
+try:
+    from tests.conftest import run_script
+except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
+    from conftest import run_script
 
 
 def _module():
@@ -17,14 +19,7 @@ def _module():
 
 
 def test_tiny_run_compares_both_paths_and_checks_them_numerically():
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout)
+    res = run_script("bench_layerwise.py", "--tiny", "--json")
     assert res["check"]["ok"]
     small = res["check"]["small_conv sample"]["errors"]
     assert {"gradients after 1 step", "momenta after 3 steps", "variables after 3 steps"} <= set(

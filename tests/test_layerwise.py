@@ -20,6 +20,11 @@ from evojax_nas.train import (
     train_and_evaluate,
 )
 
+try:
+    from tests.conftest import make_tiny_run
+except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
+    from conftest import make_tiny_run
+
 WHOLE = TrainConfig(steps=7, batch_size=10, eval_batch_size=16, steps_per_dispatch=3)
 LAYERS = dataclasses.replace(WHOLE, train_impl="layerwise")
 KEY = jax.random.PRNGKey(0)
@@ -178,27 +183,13 @@ def test_momentum_buffers_round_trip():
 def test_a_layerwise_run_replays_bit_for_bit(tmp_path, random_dataset):
     """Evolution with `train_impl: "layerwise"`: children reuse layers, and replay (which
     trains with the run's config) reproduces every individual exactly."""
-    from evojax_nas.config import EvolutionConfig
-    from evojax_nas.evolution import Worker, training_evaluator
+    from evojax_nas.config import stored_config
+    from evojax_nas.evolution import training_evaluator
     from evojax_nas.replay import replay
-    from evojax_nas.store import open_store
 
-    cfg = dataclasses.replace(
-        EvolutionConfig(),
-        population=3,
-        steps=4,
-        eval_batch_size=50,
-        dataset="random",
-        seed=11,
-        train_impl="layerwise",
-        mutation_weights={"insert_convolution": 1.0, "identity": 1.0, "alter_learning_rate": 1.0},
-    )
     data = random_dataset(n=100, hw=8, c=3, classes=4)
-    store = open_store(str(tmp_path / "run"))
-    store.write_config(cfg.to_dict())
-    worker = Worker(store, cfg, 0, training_evaluator(data, cfg), 3, 4)
-    while worker.children < 6:
-        worker.step()
+    store, _ = make_tiny_run(tmp_path / "run", data, train_impl="layerwise")
+    cfg = stored_config(store.read_config())
     records = store.records()
     assert {r.get("programs") for r in records} <= {"compiled", "memory", "layers"}
     assert any(r.get("programs") == "memory" for r in records)

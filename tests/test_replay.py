@@ -1,14 +1,15 @@
-import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from evojax_nas.config import EvolutionConfig
-from evojax_nas.evolution import Worker, training_evaluator
 from evojax_nas.replay import replay
-from evojax_nas.store import open_store
+
+try:
+    from tests.conftest import make_tiny_run
+except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
+    from conftest import make_tiny_run
 
 
 @pytest.fixture
@@ -18,23 +19,7 @@ def tiny_run(random_dataset):
 
 
 def _tiny_run(tmp_path, random_dataset):
-    data = random_dataset(n=100, hw=8, c=3, classes=4)
-    cfg = dataclasses.replace(
-        EvolutionConfig(),
-        population=3,
-        steps=4,
-        eval_batch_size=50,
-        dataset="random",
-        seed=11,
-        mutation_weights={"insert_convolution": 1.0, "identity": 1.0, "alter_learning_rate": 1.0},
-    )
-    store = open_store(str(tmp_path / "run"))
-    store.write_config(cfg.to_dict())
-    evaluate = training_evaluator(data, cfg)
-    worker = Worker(store, cfg, 0, evaluate, 3, 4)
-    while worker.children < 6:
-        worker.step()
-    return store, evaluate
+    return make_tiny_run(tmp_path / "run", random_dataset(n=100, hw=8, c=3, classes=4))
 
 
 def test_replay_reproduces_initial_and_child_bit_for_bit(tmp_path, tiny_run):
