@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from evojax_nas.config import xla_cache_max_bytes
 from evojax_nas.errors import EvojaxNasError
 
 # Commands that never compile anything: they run without importing JAX (fast).
@@ -59,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command not in ("status", "adjust"):  # they compile nothing
+            xla_cache_max_bytes()  # a bad $EVOJAX_NAS_XLA_CACHE_MAX_MB fails here, not in workers
         # Not where programs are shared through the run's store (see evojax_nas/programs.py):
         # worker processes decide for themselves.
         if args.command not in (*_NO_JAX, "evolve", "worker", "replay"):

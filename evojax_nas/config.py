@@ -198,3 +198,31 @@ def with_overrides(cfg: EvolutionConfig, **overrides: Any) -> EvolutionConfig:
     """The config with every non-None override applied, validated."""
     changes = {k: v for k, v in overrides.items() if v is not None}
     return validate_config(dataclasses.replace(cfg, **changes))
+
+
+XLA_CACHE_MAX_MB = 2048.0  # default bound of the persistent XLA cache (evojax_nas.train)
+
+
+def xla_cache_max_bytes(value: str | None = None) -> int:
+    """The persistent XLA cache's bound in bytes: `value`, else `$EVOJAX_NAS_XLA_CACHE_MAX_MB`.
+
+    In MiB, default `XLA_CACHE_MAX_MB`; -1 means no bound. Anything else but a positive number
+    raises ConfigError naming the variable (the CLI checks it before any worker starts).
+    `evojax_nas.train.enable_compilation_cache` trims the cache to it.
+    """
+    if value is None:
+        value = os.environ.get("EVOJAX_NAS_XLA_CACHE_MAX_MB", "")
+    if not value.strip():
+        return int(XLA_CACHE_MAX_MB * 2**20)
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = math.nan
+    if mb == -1:
+        return -1
+    if not 0 < mb < math.inf:
+        raise ConfigError(
+            f"EVOJAX_NAS_XLA_CACHE_MAX_MB={value!r}: give the persistent XLA cache's bound in MiB "
+            "(a positive number), or -1 for no bound"
+        )
+    return max(1, int(mb * 2**20))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evojax_nas.config import xla_cache_max_bytes
 from evojax_nas.dna import DNA
 from evojax_nas.errors import DataError
 from evojax_nas.model import Variables, count_params
@@ -64,15 +65,55 @@ def enable_compilation_cache(min_compile_seconds: float = 0.5) -> str | None:
     `min_compile_seconds` are not kept (0 keeps all: the small layer programs of
     `train_impl: "layerwise"`).
     The directory is `$EVOJAX_NAS_XLA_CACHE` (empty turns the cache off), by default
-    `~/.cache/evojax_nas/xla`. Returns the directory used, or None.
+    `~/.cache/evojax_nas/xla`. It is trimmed here, once per process, to
+    `$EVOJAX_NAS_XLA_CACHE_MAX_MB` (default 2048; -1: unbounded) by `trim_compilation_cache`,
+    so it outgrows the bound by at most what the processes started since add. (JAX's own bound,
+    `jax_compilation_cache_max_size`, scans the whole directory on every write: 0.16 s per new
+    program at 2,000 entries, as long as a layer program takes to compile.) Returns the
+    directory used, or None.
     """
     default = os.path.join(os.path.expanduser("~"), ".cache", "evojax_nas", "xla")
     path = os.environ.get("EVOJAX_NAS_XLA_CACHE", default)
     if not path:
         return None
+    max_bytes = xla_cache_max_bytes()
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    trim_compilation_cache(path, max_bytes)
     return path
+
+
+def trim_compilation_cache(path: str, max_bytes: int) -> tuple[int, int]:
+    """Deletes the least recently used entries (by the files' access times) of a JAX cache
+    directory until it holds at most `max_bytes` (-1: nothing is deleted). Safe while other
+    processes use the directory: JAX recompiles an entry it cannot read. Returns (entries
+    deleted, bytes kept)."""
+    entries = []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.name.endswith("-cache") and e.is_file():
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:  # another process trimmed it
+                        continue
+                    entries.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
+    except FileNotFoundError:
+        return 0, 0
+    kept = sum(size for _, size, _ in entries)
+    deleted = 0
+    if max_bytes < 0:
+        return 0, kept
+    for _, size, file in sorted(entries):  # oldest first
+        if kept <= max_bytes:
+            break
+        for name in (file, file[: -len("-cache")] + "-atime"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        kept, deleted = kept - size, deleted + 1
+    return deleted, kept
 
 
 @dataclasses.dataclass(frozen=True)

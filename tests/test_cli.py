@@ -129,6 +129,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(args, message, tmp_path, cli_m
     assert message in err.lower() or message in err
 
 
+def test_a_bad_xla_cache_bound_fails_before_any_worker_starts(tmp_path, cli_main, monkeypatch):
+    monkeypatch.setenv("EVOJAX_NAS_XLA_CACHE_MAX_MB", "lots")
+    code, _, err = cli_main("evolve", "--out", tmp_path / "run", "--max-children", 2)
+    one_line_error(code, err)
+    assert "EVOJAX_NAS_XLA_CACHE_MAX_MB='lots'" in err and "MiB" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_dna_file_names_the_fault(tmp_path, cli_main):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"vertices": [], "edges": [], "learning_rate": 0.1}))

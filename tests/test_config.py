@@ -79,3 +79,18 @@ def test_auto_train_impl_resolves_by_platform_and_steps():
     assert resolve_train_impl("auto", 200, "tpu") == "whole"
     assert resolve_train_impl("whole", 200, "cpu") == "whole"
     assert resolve_train_impl("layerwise", 25_600, "tpu") == "layerwise"
+
+
+def test_the_persistent_xla_cache_bound_reads_mib_or_minus_one_and_rejects_the_rest(monkeypatch):
+    from evojax_nas.config import XLA_CACHE_MAX_MB, xla_cache_max_bytes
+
+    monkeypatch.delenv("EVOJAX_NAS_XLA_CACHE_MAX_MB", raising=False)
+    assert xla_cache_max_bytes() == int(XLA_CACHE_MAX_MB * 2**20)
+    assert xla_cache_max_bytes("512") == 512 * 2**20
+    assert xla_cache_max_bytes("0.5") == 2**19
+    assert xla_cache_max_bytes("-1") == -1
+    monkeypatch.setenv("EVOJAX_NAS_XLA_CACHE_MAX_MB", "64")
+    assert xla_cache_max_bytes() == 64 * 2**20
+    for bad in ("0", "-5", "lots", "inf", "nan"):
+        with pytest.raises(ConfigError, match="EVOJAX_NAS_XLA_CACHE_MAX_MB"):
+            xla_cache_max_bytes(bad)

@@ -256,3 +256,54 @@ def test_a_second_process_finds_the_layer_programs_in_the_persistent_cache(tmp_p
     assert first > 5 and first_hits == 0, counts
     assert second == 0 and second_hits == first, counts
     assert any((tmp_path / "xla").iterdir())
+
+
+def _fill(cache, sizes):
+    """Fake cache entries, the first the least recently used."""
+    import os
+
+    cache.mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate(sizes):
+        (cache / f"jit_f-{i:04d}-cache").write_bytes(b"x" * size)
+        (cache / f"jit_f-{i:04d}-atime").write_bytes(b"12345678")
+        os.utime(cache / f"jit_f-{i:04d}-cache", (1_000_000 + i, 1_000_000 + i))
+
+
+def test_trimming_the_persistent_cache_drops_the_least_recently_used_first(tmp_path):
+    from evojax_nas.train import trim_compilation_cache
+
+    cache = tmp_path / "xla"
+    _fill(cache, [400, 300, 200, 100])
+    (cache / "unrelated.txt").write_text("kept")
+    assert trim_compilation_cache(str(cache), -1) == (0, 1000)
+    assert trim_compilation_cache(str(cache), 350) == (2, 300)
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "jit_f-0002-atime",
+        "jit_f-0002-cache",
+        "jit_f-0003-atime",
+        "jit_f-0003-cache",
+        "unrelated.txt",
+    ]
+    assert trim_compilation_cache(str(cache), 350) == (0, 300)
+    assert trim_compilation_cache(str(tmp_path / "none"), 10) == (0, 0)
+
+
+def test_a_process_that_turns_the_persistent_cache_on_trims_it_to_its_bound(tmp_path):
+    """`$EVOJAX_NAS_XLA_CACHE_MAX_MB`: each process that opens the cache (the CLI, each worker)
+    trims it first."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xla"
+    _fill(cache, [2**19] * 4)  # 2 MiB
+    env = dict(
+        os.environ,
+        EVOJAX_NAS_XLA_CACHE=str(cache),
+        EVOJAX_NAS_XLA_CACHE_MAX_MB="1.2",
+        JAX_PLATFORMS="cpu",
+    )
+    code = "from evojax_nas.train import enable_compilation_cache; enable_compilation_cache()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.name for p in cache.glob("*-cache")) == ["jit_f-0002-cache", "jit_f-0003-cache"]
