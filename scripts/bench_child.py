@@ -6,14 +6,16 @@
     .venv/bin/python scripts/bench_child.py --tiny                 # seconds: the test's mode
 
 CPU (default): one worker, in this process, produces `--children` children from a seeded
-sequence of events of the quick config (mnist5k, 200 steps per child, population 10) into a
-fresh local store, exactly as `evojax-nas worker` does (programs shared through the store,
-data on the device once). It prints the wall time split into selection, parent load,
+sequence of events of the quick config (mnist5k, 200 steps per child, population 10, the
+training implementation `auto` picks: layer-wise on a CPU at 200 steps) into a fresh local
+store, exactly as `evojax-nas worker` does (data on the device once; with `--train-impl whole`,
+programs shared through the store). It prints the wall time split into selection, parent load,
 mutation, compiled programs (compile, load or wait), training, evaluation, download and
-publish; how each child got its programs (memory / shared / compiled); the non-training share
-of the worker's time, measured and projected to the paper's 25,600 steps per child (the
-per-step time is the one measured here); and what a *second* worker (a new process) pays to
-load every architecture the first compiled, and how much storage the programs take.
+publish; how each child got its programs (memory / shared / compiled / layers); the
+non-training share of the worker's time, measured and projected to the paper's 25,600 steps per
+child (the per-step time is the one measured here); and, for whole programs, what a *second*
+worker (a new process) pays to load every architecture the first compiled, and how much
+storage the programs take.
 
 `--platform tpu` compiles the train and eval programs of a seeded chain of 20 mutations for a
 TPU v4 chip on this machine (libtpu from the `tpu` extra; nothing runs) and reports per-program
@@ -53,9 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--train-impl",
-        choices=("whole", "layerwise", "both"),
-        default="whole",
-        help="the config's train_impl (both: whole and layerwise, each in a new process)",
+        choices=("auto", "whole", "layerwise", "both"),
+        default="auto",
+        help="the config's train_impl; auto (the default job's) is reported as what it chose "
+        "(both: whole and layerwise, each in a new process)",
     )
     p.add_argument("--tiny", action="store_true", help="a few tiny children (for the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -181,7 +184,13 @@ def second_worker(root: str) -> dict:
 
 def cpu_main(args) -> dict:
     lookaheads = {"off": [False], "on": [True], "both": [False, True]}[args.lookahead]
-    impls = ["whole", "layerwise"] if args.train_impl == "both" else [args.train_impl]
+    from evojax_nas.evolution import resolve_train_impl
+
+    impls = (
+        ["whole", "layerwise"]
+        if args.train_impl == "both"
+        else [resolve_train_impl(args.train_impl, args.steps)]
+    )
     variants = [(la, impl) for impl in impls for la in lookaheads]
     out = {"runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-child-") as tmp:
