@@ -19,6 +19,12 @@ Definitions (all over records; dead individuals' records are kept forever):
 * a lineage *gained a convolution* when one of its children applied `insert_convolution` or
   shows more convolutions in its "architecture" text (`C3x3`…) than its parent.
 
+Two more measurements help read a narrow population (README, "Evolution vs the paper's
+controls"): the median learning rate alive against the initial individuals' (a population
+that lowered its learning rate trains a child's freshly initialised layers slowly), and how
+many `alter_number_of_channels` children did at least as well as their parent (with
+inheritance, the changed convolution and every layer after it start from fresh weights).
+
 The run is *stalled* when at least `window = max(2 × population, 50)` children were born and
 either no accepted structural change happened in the last `window` children, or no alive
 individual descends from a lineage that gained a convolution (the failure of issue 14: the
@@ -58,6 +64,11 @@ class StallDiagnosis:
             hundred steps per child an inheriting population can keep adding convolutions but
             stop widening them (README, "Evolution vs the paper's controls").
         widest_convolution_born: the same over every trained individual of the run.
+        alive_learning_rate: median learning rate of the alive (None: not recorded).
+        initial_learning_rate: median learning rate of the initial individuals (no parent).
+        channel_children: children of `alter_number_of_channels` alone whose parent is known.
+        channel_children_kept_pace: how many of them reached at least their parent's
+            validation accuracy.
         last_structural_id: the latest accepted structural child (None: none yet).
         last_structural_born: its birth (unix time).
         children_since_structural: children born after it (all children when there is none).
@@ -75,6 +86,10 @@ class StallDiagnosis:
     alive_convolutions_mean: float | None
     alive_widest_convolution: int | None
     widest_convolution_born: int | None
+    alive_learning_rate: float | None
+    initial_learning_rate: float | None
+    channel_children: int
+    channel_children_kept_pace: int
     last_structural_id: str | None
     last_structural_born: float | None
     children_since_structural: int
@@ -115,6 +130,29 @@ def widest_convolution(record: dict) -> int | None:
 def _widest(records: Iterable[dict]) -> int | None:
     widths = [w for w in map(widest_convolution, records) if w is not None]
     return max(widths) if widths else None
+
+
+def _median_learning_rate(records: Iterable[dict]) -> float | None:
+    rates = sorted(r["learning_rate"] for r in records if _num(r.get("learning_rate")))
+    if not rates:
+        return None
+    mid = len(rates) // 2
+    return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+
+
+def _channel_children(children: Iterable[dict], by_id: dict[str, dict]) -> tuple[int, int]:
+    """(children of `alter_number_of_channels` alone with a known parent, how many of them
+    reached their parent's validation accuracy)."""
+    total = kept = 0
+    for r in children:
+        parent = by_id.get(r["parent"])
+        if _names(r) != ["alter_number_of_channels"] or parent is None:
+            continue
+        mine, theirs = r.get("val_accuracy"), parent.get("val_accuracy")
+        if _num(mine) and _num(theirs):
+            total += 1
+            kept += mine >= theirs
+    return total, kept
 
 
 def _arch(record: dict) -> str | None:
@@ -214,6 +252,7 @@ def diagnose(
     convs = [c for c in map(convolutions, alive) if c is not None]
     end = now if _num(now) else (done[-1]["born"] if done else None)
     stalled, reason = _verdict(children, window, since, conv_share)
+    channel_children, channel_kept = _channel_children(children, by_id)
     return StallDiagnosis(
         children=len(children),
         window=window,
@@ -223,6 +262,12 @@ def diagnose(
         alive_convolutions_mean=sum(convs) / len(convs) if convs else None,
         alive_widest_convolution=_widest(alive),
         widest_convolution_born=_widest(done),
+        alive_learning_rate=_median_learning_rate(alive),
+        initial_learning_rate=_median_learning_rate(
+            r for r in done if not isinstance(r.get("parent"), str)
+        ),
+        channel_children=channel_children,
+        channel_children_kept_pace=channel_kept,
         last_structural_id=last["id"] if last else None,
         last_structural_born=last["born"] if last else None,
         children_since_structural=since,
@@ -280,6 +325,12 @@ def summary_lines(d: dict[str, Any]) -> list[str]:
     alive_w, born_w = d.get("alive_widest_convolution"), d.get("widest_convolution_born")
     if _num(alive_w) and _num(born_w):
         parts.append(f"widest convolution alive {alive_w} channels (widest born {born_w})")
+    lr, lr0 = d.get("alive_learning_rate"), d.get("initial_learning_rate")
+    if _num(lr) and _num(lr0):
+        parts.append(f"median learning rate alive {lr:.3g} (initial {lr0:.3g})")
+    total, kept = d.get("channel_children"), d.get("channel_children_kept_pace")
+    if _num(total) and _num(kept) and total:
+        parts.append(f"{kept} of {total} channel-count children matched their parent")
     since, seconds = d.get("children_since_structural"), d.get("seconds_since_structural")
     if d.get("last_structural_id") and _num(since) and _num(seconds):
         parts.insert(1, f"last one {since} children / {seconds / 60:.1f} min ago")

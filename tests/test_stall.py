@@ -214,3 +214,28 @@ def test_the_widest_convolutions_alive_and_born_are_reported():
     assert stall.widest_convolution({"architecture": PLAIN}) == 0
     assert stall.widest_convolution({}) is None
     assert stall.diagnose([], population=5).widest_convolution_born is None
+
+
+def test_the_learning_rate_alive_and_the_channel_children_that_kept_pace_are_reported():
+    """Under inheritance selection lowers the learning rate, and children that changed a
+    convolution's width rarely match their parent: both are in the diagnosis (issue 14)."""
+    records = history(60, structural_every=3, names=("alter_number_of_channels",))
+    rates = iter([0.1, 0.05, 0.02, 0.01, 0.005] * 20)
+    for r in records:
+        r["learning_rate"] = 0.1 if r["parent"] is None else next(rates)
+    by_id = {r["id"]: r for r in records}
+    for k in (0, 3):  # two channel children at least as good as their parent
+        by_id[f"c{k}"]["val_accuracy"] = by_id[by_id[f"c{k}"]["parent"]]["val_accuracy"] + 0.1
+    by_id["c6"]["val_accuracy"] = 0.05  # one worse; the rest equal their parent (0.1)
+    d = stall.diagnose(records, population=5)
+    alive = sorted(r["learning_rate"] for r in records if r["alive"])
+    assert d.alive_learning_rate == alive[2] and d.initial_learning_rate == 0.1
+    assert d.channel_children == 20 and d.channel_children_kept_pace == 19
+    line = stall.summary_lines(d.to_dict())[0]
+    assert f"median learning rate alive {alive[2]:.3g} (initial 0.1)" in line
+    assert "19 of 20 channel-count children matched their parent" in line
+    assert json.loads(json.dumps(d.to_dict()))["channel_children"] == 20
+    plain = stall.diagnose(history(60, structural_every=3), population=5)
+    assert plain.alive_learning_rate is None and plain.channel_children == 0
+    assert "learning rate" not in stall.summary_lines(plain.to_dict())[0]
+    assert stall._median_learning_rate([{"learning_rate": 0.1}, {"learning_rate": 0.3}]) == 0.2
