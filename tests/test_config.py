@@ -4,6 +4,7 @@ import pytest
 
 from evojax_nas.config import EvolutionConfig, from_dict, load_config, with_overrides
 from evojax_nas.errors import ConfigError
+from evojax_nas.mutation_names import MUTATION_NAMES as MUTATIONS
 
 
 def test_paper_config_holds_the_papers_numbers():
@@ -17,6 +18,10 @@ def test_paper_config_holds_the_papers_numbers():
 def test_quick_config_is_the_default_and_a_user_can_copy_and_edit_it(tmp_path):
     quick = load_config("quick")
     assert quick.dataset == "mnist5k" and quick.max_minutes == 10
+    # The paper's mutations but the learning-rate one (README, "Evolution vs the paper's controls")
+    weights = quick.mutation_weights
+    assert weights["alter_learning_rate"] == 0 and set(weights) == set(MUTATIONS)
+    assert all(w == 1 for name, w in weights.items() if name != "alter_learning_rate")
     data = quick.to_dict() | {"population": 7, "selection": "aging", "_doc": "my run"}
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(data))
