@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -133,11 +134,8 @@ def _widest(records: Iterable[dict]) -> int | None:
 
 
 def _median_learning_rate(records: Iterable[dict]) -> float | None:
-    rates = sorted(r["learning_rate"] for r in records if _num(r.get("learning_rate")))
-    if not rates:
-        return None
-    mid = len(rates) // 2
-    return rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2
+    rates = [r["learning_rate"] for r in records if _num(r.get("learning_rate"))]
+    return statistics.median(rates) if rates else None
 
 
 def _channel_children(children: Iterable[dict], by_id: dict[str, dict]) -> tuple[int, int]:
