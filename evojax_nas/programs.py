@@ -472,7 +472,7 @@ class ProgramCache:
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Per-layer programs of `train_impl: "layerwise"`, shared by all its architectures.
-        self.layers = layerwise.OpCache(compiler_options(self.target.platform))
+        self.layers = layerwise.OpCache(layerwise.compiler_options(self.target.platform))
 
     def get(self, dna: DNA, layout: Layout, cfg: TrainConfig) -> Programs:
         """The programs for `dna`, waiting for a prefetch of them if one is running."""

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_layerwise.py                   # a seeded mutation chain
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 40   # a run's children
     .venv/bin/python scripts/bench_layerwise.py --tiny --json     # seconds: the test's mode
+    .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --compare-options
 
 With `train_impl: "whole"` a worker compiles two whole programs per new architecture
 (`programs.compile_programs`: a chunk of training steps and an evaluation batch). This benchmark
@@ -63,6 +64,14 @@ on the 2-core development machine under `nice -n 10` while the lead's campaign r
 - One call of a compiled program costs 16-52 us of dispatch here under that load (a scalar
   add, 5000 calls): ~0.5-1.5 ms per step of a 30-call net, most of the layer-wise training
   overhead; the rest is no fusion across layers and BN's statistics computed again backward.
+
+`--compare-options` times, instead, the layer programs under their XLA options
+(`layerwise.compiler_options`) against the options before them (`conv.compiler_options` alone,
+with XLA:CPU's MLIR fusion emitters), architecture by architecture in alternating order, each
+with its own cold signature cache, and prints the ratios (before ÷ now) of compile and training
+seconds. Their numbers differ only by float rounding: the counts of correct validation answers
+(random labels) may differ by at most 0.1 % of the answers, or the script fails. Measured
+figures: README, "Layer-wise training".
 """
 
 from __future__ import annotations
@@ -93,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"share of children that are new architectures (default: measured from --run, "
         f"else {CAMPAIGN_NEW_FRACTION:.2f}, the 10-minute default job's)",
+    )
+    p.add_argument(
+        "--compare-options",
+        action="store_true",
+        help="layer-wise only: its XLA options now against those before (fusion emitters on)",
     )
     p.add_argument("--tiny", action="store_true", help="a few tiny architectures (the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -162,8 +176,8 @@ class Bench:
         import jax
         import numpy as np
 
-        from evojax_nas.conv import compiler_options, resolve_impl
-        from evojax_nas.layerwise import OpCache
+        from evojax_nas.conv import resolve_impl
+        from evojax_nas.layerwise import OpCache, compiler_options
         from evojax_nas.programs import Layout, Target, chunk_length
         from evojax_nas.steps import TrainConfig
 
@@ -332,16 +346,10 @@ def bench(args) -> dict:
     from evojax_nas.model import init_variables
     from evojax_nas.samples import read_dna
 
+    dnas, source, run_fraction = _sequence(args)
     new_fraction = args.new_fraction
-    if args.run:
-        dnas, run_fraction = run_dnas(args.run)
-        new_fraction = run_fraction if new_fraction is None else new_fraction
-        source = f"run {args.run}"
-    else:
-        dnas = chain_dnas(args.mutations, args.seed, 1, 10)
-        source = f"seeded chain of {args.mutations} mutations (seed {args.seed})"
-    new_fraction = CAMPAIGN_NEW_FRACTION if new_fraction is None else new_fraction
-    dnas = dnas[args.start : args.start + args.limit]
+    for fallback in (run_fraction, CAMPAIGN_NEW_FRACTION):
+        new_fraction = fallback if new_fraction is None else new_fraction
     b = Bench(args.dataset, args.steps, args.seed)
     rows = []
     for i, dna in enumerate(dnas):
@@ -389,6 +397,85 @@ def bench(args) -> dict:
         "load_average": os.getloadavg(),
         "jax": jax.__version__,
     }
+
+
+def compare_options(args) -> dict:
+    """Layer programs under `layerwise.compiler_options` ("now") against `conv.compiler_options`
+    alone ("before"): compile and training seconds over the same architectures."""
+    import jax
+
+    from evojax_nas import dna as D
+    from evojax_nas.conv import compiler_options as before_options
+    from evojax_nas.layerwise import OpCache
+    from evojax_nas.model import init_variables
+
+    dnas, source, _ = _sequence(args)
+    b = Bench(args.dataset, args.steps, args.seed)
+    options = {"now": b.options, "before": before_options(b.target.platform)}
+    caches = {name: OpCache(opts) for name, opts in options.items()}
+    totals = {name: {"compile": 0.0, "train": 0.0, "eval": 0.0, "correct": 0} for name in caches}
+    for i, dna in enumerate(dnas):
+        dna = D.for_data(dna, 1, 10)
+        variables = init_variables(dna, jax.random.fold_in(b.key, i))
+        for name in ("now", "before") if i % 2 == 0 else ("before", "now"):
+            b.cache = caches[name]
+            row = b.layerwise(dna, variables)
+            t = totals[name]
+            t["compile"] += row["compile_new_signatures"]
+            t["train"] += row["train"]
+            t["eval"] += row["eval"]
+            t["correct"] += row["correct"]
+    ratio = {
+        k: totals["before"][k] / max(totals["now"][k], 1e-9) for k in ("compile", "train", "eval")
+    }
+    answers = len(dnas) * LAYOUTS[args.dataset]["n_val"]  # validation answers counted per path
+    differ = abs(totals["now"]["correct"] - totals["before"]["correct"])
+    return {
+        "source": source,
+        "architectures": len(dnas),
+        "steps": args.steps,
+        "signatures": len(caches["now"]),
+        "options": {k: {o: str(v) for o, v in opts.items()} for k, opts in options.items()},
+        "totals": totals,
+        "ratio_before_over_now": ratio,
+        "answers": answers,
+        "answers_differ_by": differ,
+        "agree": differ <= 0.001 * answers,
+        "load_average": os.getloadavg(),
+        "jax": jax.__version__,
+    }
+
+
+def _sequence(args) -> tuple[list, str, float | None]:
+    """The architectures `args` names (a run's or a seeded chain's), sliced; where they come
+    from; and the run's share of new architectures (None for a chain)."""
+    if args.run:
+        dnas, fraction = run_dnas(args.run)
+        source = f"run {args.run}"
+    else:
+        dnas, fraction = chain_dnas(args.mutations, args.seed, 1, 10), None
+        source = f"seeded chain of {args.mutations} mutations (seed {args.seed})"
+    return dnas[args.start : args.start + args.limit], source, fraction
+
+
+def print_options(out: dict) -> None:
+    print(
+        f"{out['architectures']} architectures ({out['source']}), {out['steps']} steps each, "
+        f"{out['signatures']} layer signatures; options now {out['options']['now']}, before "
+        f"{out['options']['before']}"
+    )
+    for name, t in out["totals"].items():
+        print(
+            f"  {name:<7} compile {t['compile']:7.2f} s  train {t['train']:7.2f} s  "
+            f"eval {t['eval']:6.2f} s  correct {t['correct']}"
+        )
+    r = out["ratio_before_over_now"]
+    print(
+        f"before ÷ now: compile {r['compile']:.2f}x, train {r['train']:.2f}x, eval "
+        f"{r['eval']:.2f}x; correct answers differ by {out['answers_differ_by']} of "
+        f"{out['answers']} ({'agree' if out['agree'] else 'DISAGREE'}: at most 0.1 % may)"
+    )
+    print(f"load average {' '.join(f'{x:.2f}' for x in out['load_average'])}")
 
 
 def _count_ops(cache) -> dict:
@@ -443,6 +530,13 @@ def print_summary(out: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare_options:
+        out = compare_options(args)
+        if args.save:
+            with open(args.save, "w", encoding="utf-8") as f:
+                json.dump(out, f, indent=1)
+        print(json.dumps(out)) if args.json else print_options(out)
+        return 0 if out["agree"] else 1
     out = bench(args)
     if args.save:
         with open(args.save, "w", encoding="utf-8") as f:

@@ -41,6 +41,17 @@ def test_tiny_run_compares_both_paths_and_checks_them_numerically():
     assert shares[0]["non_training_share"] > shares[2]["non_training_share"]
 
 
+def test_tiny_run_compares_the_layer_options_with_those_before():
+    res = run_script("bench_layerwise.py", "--tiny", "--compare-options", "--json")
+    assert res["architectures"] == 3 and res["signatures"] > 0
+    assert res["options"]["now"]["xla_cpu_use_fusion_emitters"] == "False"
+    assert "xla_cpu_use_fusion_emitters" not in res["options"]["before"]
+    for totals in res["totals"].values():
+        assert totals["compile"] > 0 and totals["train"] > 0
+    assert res["agree"] and res["answers_differ_by"] <= 0.001 * res["answers"]
+    assert all(r > 0 for r in res["ratio_before_over_now"].values())
+
+
 def test_a_seen_architecture_compiles_no_new_signature_and_a_broken_update_is_caught():
     bench = _module()
     from evojax_nas import dna as D

@@ -158,6 +158,35 @@ def test_known_layers_compile_nothing(data):
     assert assembled.val_accuracy == first.val_accuracy
 
 
+def test_layer_programs_compile_with_their_options_and_train_as_before(data):
+    """A worker's layer programs compile with `layerwise.compiler_options` (on a CPU: XLA's
+    legacy fusion emitters, which compile and run faster there), and train as programs
+    compiled with the options before them do."""
+    from evojax_nas import conv
+
+    cache = ProgramCache()
+    assert cache.layers.options == layerwise.compiler_options("cpu")
+    assert cache.layers.options["xla_cpu_use_fusion_emitters"] is False
+    assert "xla_cpu_use_fusion_emitters" not in layerwise.compiler_options("tpu")
+    before = ProgramCache()
+    before.layers = layerwise.OpCache(conv.compiler_options("cpu"))
+    dna = merged_dna()
+    variables = M.init_variables(dna, KEY)
+    states = [
+        run_training(c.get(dna, data.layout, LAYERS), variables, data, KEY, 0.05, LAYERS)[0]
+        for c in (cache, before)
+    ]
+    assert cache.layers.compiles > 0 and before.layers.compiles == cache.layers.compiles
+    assert _close(states[0].params, states[1].params, rtol=1e-5, atol=1e-6)
+    assert _close(states[0].batch_stats, states[1].batch_stats, rtol=1e-5, atol=1e-6)
+    assert not _close(states[0].params, variables["params"])
+    # The options reach the compiler: one it does not know fails the compile.
+    broken = ProgramCache()
+    broken.layers = layerwise.OpCache({"xla_no_such_option_anywhere": True})
+    with pytest.raises(Exception, match="xla_no_such_option_anywhere"):
+        broken.get(dna, data.layout, LAYERS)
+
+
 def test_layerwise_divergence_is_reported(data):
     dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
     dna = dataclasses.replace(dna, learning_rate=1e30)

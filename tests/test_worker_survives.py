@@ -17,7 +17,7 @@ import pytest
 
 from evojax_nas import dna as D
 from evojax_nas.config import EvolutionConfig
-from evojax_nas.evolution import CONTROL, Worker, decide, event_key
+from evojax_nas.evolution import CONTROL, KnownIndividuals, Worker, decide, event_key
 from evojax_nas.model import init_variables
 from evojax_nas.runner import claim_worker_id
 from evojax_nas.store import RetryingStore, open_store
@@ -150,6 +150,7 @@ def test_retrying_store_waits_out_an_outage_of_any_length(tmp_path, caplog, meth
         w.step()
     flaky = Flaky(store, method, exc, times=40)  # 40 doublings: far past any fixed deadline
     w.store = RetryingStore(flaky, sleep=waits.append)
+    w.known = KnownIndividuals()  # else it never reads back the parents it made itself
     before = w.children
     with caplog.at_level(logging.WARNING):
         for _ in range(4):
@@ -261,3 +262,58 @@ def test_a_phantom_on_gcs_is_killed_not_abandoned_forever(gcs_emulator):
     outcomes = [w.step()["action"] for _ in range(12)]
     assert "phantom" not in {m.id for m in store.population()}
     assert outcomes.count("abandoned") <= 3, outcomes
+
+
+def test_a_worker_takes_the_parents_it_knows_from_memory_as_the_store_holds_them(tmp_path):
+    """Individuals a worker published or loaded are not read again: the copy it keeps is the
+    store's, bit for bit, and what it hands out is a copy."""
+    store, w = make_worker(tmp_path, population=4)
+    for _ in range(8):
+        w.step()
+    reads = []
+    read_params = store.read_params
+    store.read_params = lambda ind_id, **kw: reads.append(ind_id) or read_params(ind_id, **kw)
+    hits = w.known.hits
+    for _ in range(20):
+        w.step()
+    # One worker made every individual: it reads none back.
+    reproduced = [r for r in store.records() if r.get("parent") and r["event"] >= 8]
+    assert len(reproduced) >= 10 and reads == []
+    assert w.known.hits - hits == len(reproduced)
+    # A second worker reads an individual once, then knows it.
+    other = Worker(store, w.cfg, 1, synthetic, input_channels=1, num_classes=10)
+    for _ in range(20):
+        other.step()
+    theirs = [r for r in store.records() if r.get("parent") and r["worker"] == 1]
+    assert reads and len(reads) == len(set(reads)) and len(theirs) >= 10
+    assert len(reads) + other.known.hits == len(theirs)
+    for ind_id in list(w.known._items) + list(other.known._items):
+        for known in (w.known, other.known):
+            if known.get(ind_id) is None:
+                continue
+            dna, params = known.get(ind_id)
+            assert D.to_dict(dna) == store.read_dna(ind_id)
+            leaves = jax.tree_util.tree_leaves(params)
+            assert leaves and all(
+                np.array_equal(a, b) and a.dtype == b.dtype
+                for a, b in zip(leaves, jax.tree_util.tree_leaves(read_params(ind_id)), strict=True)
+            )
+            leaves[0][...] = 7.0  # the caller's copy, not the worker's
+            assert not np.array_equal(jax.tree_util.tree_leaves(known.get(ind_id)[1])[0], leaves[0])
+
+
+def test_known_individuals_are_bounded_by_the_bytes_of_their_weights():
+    from evojax_nas.evolution import variable_bytes
+
+    dna = D.from_dict(conv_dna())
+    size = variable_bytes(dna)
+    known = KnownIndividuals(max_bytes=3 * size)
+    for i in range(4):
+        known.put(f"i{i}", dna, good_params(conv_dna()))
+    assert len(known) == 3 and known.get("i0") is None  # the least recently used went
+    known.get("i1")
+    known.put("i4", dna, good_params(conv_dna()))
+    assert known.get("i1") is not None and known.get("i2") is None
+    too_big = KnownIndividuals(max_bytes=size - 1)
+    too_big.put("x", dna, good_params(conv_dna()))
+    assert len(too_big) == 0
