@@ -458,26 +458,6 @@ def _sequence(args) -> tuple[list, str, float | None]:
     return dnas[args.start : args.start + args.limit], source, fraction
 
 
-def print_options(out: dict) -> None:
-    print(
-        f"{out['architectures']} architectures ({out['source']}), {out['steps']} steps each, "
-        f"{out['signatures']} layer signatures; options now {out['options']['now']}, before "
-        f"{out['options']['before']}"
-    )
-    for name, t in out["totals"].items():
-        print(
-            f"  {name:<7} compile {t['compile']:7.2f} s  train {t['train']:7.2f} s  "
-            f"eval {t['eval']:6.2f} s  correct {t['correct']}"
-        )
-    r = out["ratio_before_over_now"]
-    print(
-        f"before ÷ now: compile {r['compile']:.2f}x, train {r['train']:.2f}x, eval "
-        f"{r['eval']:.2f}x; correct answers differ by {out['answers_differ_by']} of "
-        f"{out['answers']} ({'agree' if out['agree'] else 'DISAGREE'}: at most 0.1 % may)"
-    )
-    print(f"load average {' '.join(f'{x:.2f}' for x in out['load_average'])}")
-
-
 def _count_ops(cache) -> dict:
     counts: dict = {}
     for sig in cache._ops:
@@ -497,6 +477,26 @@ def print_row(row: dict, steps: int) -> None:
         f"eval {lw['eval']:4.2f} s ({lw['calls_per_step']} calls/step)",
         flush=True,
     )
+
+
+def print_options(out: dict) -> None:
+    print(
+        f"{out['architectures']} architectures ({out['source']}), {out['steps']} steps each, "
+        f"{out['signatures']} layer signatures; options now {out['options']['now']}, before "
+        f"{out['options']['before']}"
+    )
+    for name, t in out["totals"].items():
+        print(
+            f"  {name:<7} compile {t['compile']:7.2f} s  train {t['train']:7.2f} s  "
+            f"eval {t['eval']:6.2f} s  correct {t['correct']}"
+        )
+    r = out["ratio_before_over_now"]
+    print(
+        f"before ÷ now: compile {r['compile']:.2f}x, train {r['train']:.2f}x, eval "
+        f"{r['eval']:.2f}x; correct answers differ by {out['answers_differ_by']} of "
+        f"{out['answers']} ({'agree' if out['agree'] else 'DISAGREE'}: at most 0.1 % may)"
+    )
+    print(f"load average {' '.join(f'{x:.2f}' for x in out['load_average'])}")
 
 
 def print_summary(out: dict) -> None:

@@ -1,6 +1,7 @@
 """Shared test fixtures (instead of test modules importing each other)."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -87,6 +88,15 @@ def make_tiny_run(path, data, **cfg_changes):
     while worker.children < 6:
         worker.step()
     return store, evaluate
+
+
+def load_script(script: str):
+    """`scripts/<script>` imported as a module (scripts are not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), f"{path}/{script}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script, *args: str, timeout: float = 300) -> dict:

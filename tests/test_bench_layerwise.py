@@ -1,21 +1,13 @@
 """scripts/bench_layerwise.py in its tiny mode, and its layer-wise driver's signature cache."""
 
-import importlib.util
-import pathlib
-
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_layerwise.py"
-
 try:
-    from tests.conftest import run_script
+    from tests.conftest import load_script, run_script
 except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
-    from conftest import run_script
+    from conftest import load_script, run_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_layerwise", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_layerwise.py")
 
 
 def test_tiny_run_compares_both_paths_and_checks_them_numerically():

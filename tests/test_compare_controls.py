@@ -1,24 +1,22 @@
 """scripts/compare_controls.py: its statistics, and a tiny real sweep so the script cannot rot."""
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    from tests.conftest import load_script
+except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
+    from conftest import load_script
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def cc():
-    spec = importlib.util.spec_from_file_location(
-        "compare_controls", os.path.join(ROOT, "scripts", "compare_controls.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_controls.py")
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,15 @@
 """scripts/worker_time.py: a run's worker time split into the recorded phases and the rest."""
 
-import importlib.util
 import json
-import pathlib
-
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "worker_time.py"
 
 try:
-    from tests.conftest import make_random_dataset, make_tiny_run
+    from tests.conftest import load_script, make_random_dataset, make_tiny_run
 except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
-    from conftest import make_random_dataset, make_tiny_run
+    from conftest import load_script, make_random_dataset, make_tiny_run
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("worker_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("worker_time.py")
 
 
 def test_wall_time_is_split_into_recorded_phases_gaps_and_edges():
