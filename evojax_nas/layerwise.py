@@ -54,8 +54,8 @@ BN_LEAVES = (
 
 
 # XLA:CPU's options for layer programs on top of `conv.compiler_options`. Its legacy fusion
-# emitters instead of the MLIR ones: on the default job's layer programs, compiling took
-# 30-45 % less time and training 10-30 % less (same results), measured with
+# emitters instead of the MLIR ones: on a 10-minute default job's layer programs compiling
+# was 1.45-1.55x and training 1.16x faster, results equal to float rounding, measured with
 # `python scripts/bench_layerwise.py --run RUN --compare-options` (README, "Layer-wise
 # training"). Whole programs gain nothing from it (bench_train_step: conv4/conv8 +-4 %).
 CPU_LAYER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}

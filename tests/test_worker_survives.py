@@ -317,3 +317,7 @@ def test_known_individuals_are_bounded_by_the_bytes_of_their_weights():
     too_big = KnownIndividuals(max_bytes=size - 1)
     too_big.put("x", dna, good_params(conv_dna()))
     assert len(too_big) == 0
+    few = KnownIndividuals(max_items=2)  # weightless individuals count against the number
+    for i in range(3):
+        few.put(f"n{i}", dna, None)
+    assert len(few) == 2 and few.get("n0") is None and few.get("n2") == (dna, None)
