@@ -11,6 +11,7 @@ Every random choice comes from `event_key(seed, worker, event)`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -200,6 +201,11 @@ class KnownIndividuals:
         self.hits += 1
         return found[0], _copy(found[1])
 
+    def discard(self, ind_id: str) -> None:
+        found = self._items.pop(ind_id, None)
+        if found is not None:
+            self._bytes -= found[2]
+
     def put(self, ind_id: str, dna: dna_lib.DNA, params: Any) -> None:
         size = variable_bytes(dna) if params is not None else 0
         if size > self.max_bytes or ind_id in self._items:
@@ -262,12 +268,27 @@ class Pending:
 
 
 @dataclasses.dataclass
+class _Publication:
+    """A child this worker is publishing in the background (`Worker.background_publish`)."""
+
+    member: Member  # as the population listing will show it
+    future: concurrent.futures.Future
+
+
+@dataclasses.dataclass
 class Worker:
     """One worker's context: its store, config, data and compiled-program cache.
 
     `evaluate` trains and validates a child; tests replace it with a synthetic fitness. An
     evaluator with a `prefetch(dna)` method is told each child's DNA as soon as it is known,
     so that it can compile the child's programs in the background.
+
+    With `background_publish`, a trained child is written to the store on a background thread
+    while the worker goes on with its next event (an orbax save is ~15-30 ms of mostly waiting;
+    `scripts/worker_time.py`): the next event's selection lists the child as a member already
+    (so that a one-worker run decides as if it had been published), an event that would kill
+    it waits for its publication first, and a child bred from one whose publication failed is
+    abandoned. `settle` waits for the publication in flight; `run_worker` settles at its end.
 
     Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
     race abandons the event; an individual that cannot be loaded, fitted to the data or
@@ -287,7 +308,59 @@ class Worker:
     initials_in_flight: int = 0  # begun and not yet finished (with lookahead, at most one)
     resume_scan_seconds: float = resume.SCAN_SECONDS  # how often `adopt` looks for orphans
     known: KnownIndividuals = dataclasses.field(default_factory=KnownIndividuals, repr=False)
+    background_publish: bool = False
     _next_scan: float = 0.0
+    _publication: _Publication | None = dataclasses.field(default=None, repr=False)
+    _publisher: concurrent.futures.ThreadPoolExecutor | None = dataclasses.field(
+        default=None, repr=False
+    )
+    _lost: set[str] = dataclasses.field(default_factory=set, repr=False)  # publications failed
+
+    def settle(self) -> str | None:
+        """Waits for the child being published in the background, if any. Returns its id if
+        its publication failed (logged; the child is lost, its children are abandoned)."""
+        pub, self._publication = self._publication, None
+        if pub is None:
+            return None
+        try:
+            pub.future.result()
+            return None
+        except Exception as exc:
+            ind_id = pub.member.id
+            log.warning("worker %d: publishing %s failed: %s", self.worker_id, ind_id, exc)
+            self._lost.add(ind_id)
+            self.known.discard(ind_id)
+            self.children -= 1
+            return ind_id
+
+    def close(self) -> None:
+        """Settles the publication in flight and stops the publishing thread."""
+        self.settle()
+        if self._publisher is not None:
+            self._publisher.shutdown(wait=True)
+            self._publisher = None
+
+    def _listing(self) -> list[Member]:
+        """The population as the store lists it, plus the child being published."""
+        members = self.store.population()
+        pub = self._publication
+        if pub is not None and pub.future.done() and pub.future.exception() is not None:
+            self.settle()  # failed: it is not a member
+            pub = None
+        if pub is not None and all(m.id != pub.member.id for m in members):
+            members.append(pub.member)
+        return members
+
+    def _settle_if(self, ind_id: str | None) -> None:
+        """Before killing `ind_id`: waits for its publication if it is in flight.
+
+        Raises:
+            ConcurrencyError: its publication failed (there is nothing to kill).
+        """
+        pub = self._publication
+        if ind_id is not None and pub is not None and pub.member.id == ind_id:
+            if self.settle() == ind_id:
+                raise ConcurrencyError(f"{ind_id} was never published")
 
     def step(self) -> dict:
         """One whole event; returns a summary dict (also what the progress display shows)."""
@@ -384,7 +457,7 @@ class Worker:
     def _first_half(self, ev: _Event) -> Pending:
         t0 = time.perf_counter()
         control = Control.from_json(self.store.read_meta(CONTROL)[0])
-        ev.members = self.store.population()
+        ev.members = self._listing()
         ev.decision = decide(ev.members, ev.key, self.cfg, self._seeded(len(ev.members)))
         d = ev.decision
         info = {"event": ev.number, "action": d.action, "target": d.target}
@@ -394,6 +467,7 @@ class Worker:
             time.sleep(0.5)  # the set-point's last initial individuals are being trained
             raise ConcurrencyError("initials in flight")
         if d.kill is not None:  # the worse dies first; losing this race voids the event
+            self._settle_if(d.kill)
             self.store.kill(d.kill)
         selected = time.perf_counter() - t0
         if d.action == "initial":
@@ -448,7 +522,10 @@ class Worker:
         if ind_id is None:
             return
         try:
+            self._settle_if(ind_id)
             self.store.kill(ind_id)
+        except ConcurrencyError:
+            pass  # it was never published
         except (StoreError, OSError):
             pass  # someone else killed it, or it cannot be killed: either way it is out
 
@@ -551,6 +628,9 @@ class Worker:
             a = p.adopted
             begin = (a.step, a.state) if a is not None else None
             result = self.evaluate(p.dna, p.params, train_key, start=begin, on_chunk=saver)
+        self.settle()  # the previous child's publication, overlapped with this training
+        if p.parent in self._lost:
+            raise ConcurrencyError(f"its parent {p.parent} was never published")
         extra = {}
         if p.adopted is not None:  # all else as its maker would have published it
             extra["resumed"] = {"worker": self.worker_id, "step": p.adopted.step}
@@ -579,12 +659,25 @@ class Worker:
             born=time.time(),
             extra=extra,
         ).to_json()
-        self.store.publish(
-            p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, result.variables
-        )
-        self.known.put(p.ind_id, p.dna, result.variables)
-        self.children += 1
+        self._publish(p, record, result)
         return record
+
+    def _publish(self, p: Pending, record: dict, result: TrainResult) -> None:
+        variables = _copy(result.variables)  # on the host: nothing else may touch them
+        args = (p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, variables)
+        if not self.background_publish:
+            self.store.publish(*args)
+        else:
+            if self._publisher is None:
+                self._publisher = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="evojax-nas-publish"
+                )
+            member = Member(p.ind_id, float(result.val_accuracy), time.time_ns())
+            self._publication = _Publication(
+                member, self._publisher.submit(self.store.publish, *args)
+            )
+        self.known.put(p.ind_id, p.dna, variables)
+        self.children += 1
 
 
 def _initials_ahead(worker: Worker, members: Sequence[Member], since: float) -> bool:
@@ -740,13 +833,16 @@ def run_worker(
             emit(summary)
         return None
 
-    pending = begin_child(0)
-    while pending is not None:
-        following = None
-        if lookahead and more(1):  # one try: an abandoned event must not delay this child
-            summary, following = worker.begin()
-            if following is None:
-                emit(summary)
-        emit(worker.finish(pending))
-        pending = following if following is not None else begin_child(0)
+    try:
+        pending = begin_child(0)
+        while pending is not None:
+            following = None
+            if lookahead and more(1):  # one try: an abandoned event must not delay this child
+                summary, following = worker.begin()
+                if following is None:
+                    emit(summary)
+            emit(worker.finish(pending))
+            pending = following if following is not None else begin_child(0)
+    finally:
+        worker.close()  # the last child's publication, if it is in the background
     return worker.children

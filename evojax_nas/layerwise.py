@@ -6,8 +6,10 @@ static numbers, argument shapes) and reused by every later architecture that has
 the same signature. A new architecture then compiles only the layers no earlier one had: on the
 default job's architectures compiling took 65 s instead of 389 s, while training took 1.2x as
 long (`scripts/bench_layerwise.py`; README, "Layer-wise training"). `train_impl: "auto"` picks
-this on a CPU for short training (`evolution.resolve_train_impl`). Each worker keeps its own
-layer programs (`programs.ProgramCache.layers`); none go through the run's store.
+this on a CPU for short training (`evolution.resolve_train_impl`). Each worker keeps the layer
+programs it used (`programs.ProgramCache.layers`), and shares those it compiled with the other
+workers of the run through the run's store (`programs.SharedLayers`): a signature is compiled
+once per run, not once per worker.
 
 A step, for a DNA resolved by `evojax_nas.architecture`:
 
@@ -71,14 +73,21 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
 class OpCache:
     """Compiled per-operation programs by signature, least recently used out. Thread-safe.
 
+    With `shared` (`programs.SharedLayers`: the run's store), a signature this cache has not
+    seen is first looked up there: a program another worker compiled is loaded, not compiled
+    again, and each program compiled here is shared there.
+
     Attributes:
-        compiles: programs compiled so far; seconds: time spent compiling them.
+        compiles: programs compiled so far; loads: programs loaded from `shared`;
+        seconds: time spent compiling and loading them.
     """
 
-    def __init__(self, options: dict, capacity: int = 4096):
+    def __init__(self, options: dict, capacity: int = 4096, shared: Any = None):
         self.options = options
         self.capacity = capacity
+        self.shared = shared
         self.compiles = 0
+        self.loads = 0
         self.seconds = 0.0
         self._ops: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -99,18 +108,39 @@ class OpCache:
                 self._ops.move_to_end(sig)
                 return found
             t0 = time.perf_counter()
-            compiled = (
-                jax.jit(factory(*statics), compiler_options=self.options)
-                .trace(*args)
-                .lower()
-                .compile()
-            )
+            if self.shared is not None:
+                found = self.shared.load(sig, self.options, tuple(args))
+                self.loads += found is not None
+            if found is None:
+                jitted = jax.jit(factory(*statics), compiler_options=self.options)
+                found, from_disk = _compile(jitted, args)
+                self.compiles += 1
+                if self.shared is not None and not from_disk:
+                    self.shared.save(sig, self.options, found)
             self.seconds += time.perf_counter() - t0
-            self.compiles += 1
-            self._ops[sig] = found = compiled
+            self._ops[sig] = found
             while len(self._ops) > self.capacity:
                 self._ops.popitem(last=False)
             return found
+
+
+def _compile(jitted, args: list) -> tuple[Any, bool]:
+    """Compiles `jitted` for `args`; also whether JAX's persistent compilation cache handed the
+    executable back (such an executable serializes incompletely on XLA:CPU, jaxlib 0.10.2: it
+    must not be shared; one compiled afresh with the cache on serializes fine)."""
+    from jax._src import monitoring
+
+    me, hits = threading.get_ident(), []
+
+    def listen(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits" and threading.get_ident() == me:
+            hits.append(event)
+
+    monitoring.register_event_listener(listen)
+    try:
+        return jitted.trace(*args).lower().compile(), bool(hits)
+    finally:
+        monitoring.unregister_event_listener(listen)
 
 
 # ------------------------------------------------------------------ the per-operation functions

@@ -15,8 +15,8 @@ device; never on the weights or the learning rate. `ProgramCache` finds them, in
 
 `prefetch` does this in a background thread, so the next child's programs are ready when the
 current child finishes training. With `train_impl: "layerwise"` the programs are assembled
-from per-layer programs instead (`evojax_nas.layerwise`, `ProgramCache.layers`), which a worker
-compiles once per layer signature and never shares through the store. A `Target` can be a
+from per-layer programs instead (`evojax_nas.layerwise`, `ProgramCache.layers`), compiled once
+per layer signature and shared through the store too (`SharedLayers`). A `Target` can be a
 TPU described by its topology: programs then compile for a TPU on a machine without one
 (DESIGN §5).
 
@@ -141,7 +141,8 @@ class Programs(NamedTuple):
     flops_eval_batch: float  # Fv of an evaluation batch
     key: str
     # How this call got them: "compiled", "shared" (the run's store), "memory", or "layers"
-    # (layer-wise programs assembled from per-layer programs compiled earlier: no compile).
+    # (layer-wise programs assembled from per-layer programs this worker had: no compile; a
+    # layer-wise "shared" loaded some layers from the store, "compiled" compiled some).
     source: str
     seconds: Mapping[str, float]  # trace/lower/compile, or load
 
@@ -214,21 +215,22 @@ def build_layerwise(
 ) -> Programs:
     """The layer-wise programs of `dna` (`evojax_nas.layerwise`): compiles only the layer
     signatures `ops` has not seen."""
-    before, t0 = ops.seconds, time.perf_counter()
+    before, t0 = (ops.seconds, ops.compiles, ops.loads), time.perf_counter()
     sharding = (
         jax.sharding.SingleDeviceSharding(target.device) if target.device is not None else None
     )
     net = layerwise.build(
         dna, layout, cfg, resolve_impl(cfg.conv_impl, target.platform), ops, sharding
     )
-    compile_s = ops.seconds - before
+    compile_s = ops.seconds - before[0]  # compiling and loading the layers it lacked
     seconds = {"compile": compile_s, "plan": time.perf_counter() - t0 - compile_s}
+    source = "compiled" if ops.compiles > before[1] else "shared" if ops.loads > before[2] else ""
     return Programs(
         net.train_chunk,
         net.eval_batch,
         *model_flops(dna, layout, cfg),
         program_key(dna, layout, cfg, target),
-        "compiled" if compile_s else "layers",
+        source or "layers",
         seconds,
     )
 
@@ -446,6 +448,91 @@ class SharedPrograms:
         return None
 
 
+LAYER_HEADER = b"evojax-nas layer program\n"  # then a JSON line, then the executable
+LAYER_MAX_BYTES = 64 * 2**20
+
+
+def _spec_tree(spec: Any):
+    """The tree structure of a program's outputs from their JSON form: "*" for an array, a
+    list for a tuple; anything else (a dict: not made by `SharedLayers.save`) for a leaf."""
+    as_tuples = lambda x: tuple(map(as_tuples, x)) if isinstance(x, list | tuple) else 0  # noqa: E731
+    return jax.tree_util.tree_structure(as_tuples(spec))
+
+
+class SharedLayers:
+    """Compiled layer programs (`layerwise.OpCache`) in a run's store, one create-only blob per
+    signature: `programs/layers-<environment>/<signature digest>`.
+
+    The environment digest covers what an executable depends on besides its signature (this
+    format, platform, device kind, JAX and jaxlib versions; the compiler options go into each
+    signature's digest). A blob holds a header, a JSON line (the executable's SHA-256 and the
+    structure of its outputs) and the serialized executable; one that fails to load (damaged,
+    foreign) costs a compile, never the run. Loading one takes ~2 ms on a CPU, compiling it
+    ~30-130 ms (`scripts/bench_layerwise.py`).
+    """
+
+    def __init__(self, store, target: Target):
+        from jax._src.lib import version_str as jaxlib_version
+
+        self.store = store
+        self.target = target
+        env = [FORMAT, target.platform, target.device_kind, jax.__version__, jaxlib_version]
+        digest = hashlib.sha256(json.dumps(env).encode()).hexdigest()[:16]
+        self.folder = f"programs/layers-{digest}"
+        self.unusable: set[str] = set()  # names that failed to load here: compiled instead
+
+    def name(self, sig: tuple, options: Mapping[str, Any]) -> str:
+        canon = repr((sig, sorted(options.items())))
+        return f"{self.folder}/{hashlib.sha256(canon.encode()).hexdigest()[:32]}"
+
+    def load(self, sig: tuple, options: Mapping[str, Any], args: tuple):
+        """The shared program of `sig` for abstract `args`, or None (none yet, or unusable)."""
+        name = self.name(sig, options)
+        if name in self.unusable:
+            return None
+        try:
+            blob = self.store.read_blob(name, LAYER_MAX_BYTES)
+        except NotFoundError:
+            return None
+        except (StoreError, OSError) as exc:
+            log.warning("could not read shared layer program %s: %s", name, exc)
+            return None
+        try:
+            if not blob.startswith(LAYER_HEADER):
+                raise ValueError("not a layer program")
+            line, payload = blob[len(LAYER_HEADER) :].split(b"\n", 1)
+            meta = json.loads(line)
+            if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+                raise ValueError("the executable does not match its digest")
+            compiled = deserialize(payload, args, _spec_tree(meta["outputs"]), self.target)
+            compiled.out_info  # noqa: B018  (raises if its outputs do not fit that structure)
+            return compiled
+        except Exception as exc:  # a damaged or foreign blob costs a compile, never the run
+            log.warning("shared layer program %s unusable (%s); compiling it", name, exc)
+            self.unusable.add(name)
+            return None
+
+    def save(self, sig: tuple, options: Mapping[str, Any], compiled) -> bool:
+        """Shares a program this worker compiled (not one JAX's persistent cache handed back:
+        see `SharedPrograms.save`); False if it was not shared (outputs other than arrays in
+        nested tuples, a storage failure). Another worker's copy of it is as good."""
+        tree = compiled.out_tree
+        outputs = tree.unflatten(["*"] * tree.num_leaves)  # JSON: tuples become lists
+        if _spec_tree(outputs) != tree:  # not an array or nested tuples of arrays
+            return False
+        try:
+            payload = serialize(compiled)
+            meta = {"sha256": hashlib.sha256(payload).hexdigest(), "outputs": outputs}
+            blob = LAYER_HEADER + json.dumps(meta).encode() + b"\n" + payload
+            self.store.write_blob(self.name(sig, options), blob)
+        except ConcurrencyError:
+            pass  # another worker shared it first
+        except (StoreError, OSError, ValueError, NotImplementedError) as exc:
+            log.warning("could not share a layer program: %s", exc)
+            return False
+        return True
+
+
 class ProgramCache:
     """Programs by key: memory (LRU), then the run's store, then compiling. Thread-safe.
 
@@ -471,8 +558,14 @@ class ProgramCache:
         self._prefetched: set[str] = set()  # prefetched, not yet used by `get`
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        # Per-layer programs of `train_impl: "layerwise"`, shared by all its architectures.
-        self.layers = layerwise.OpCache(layerwise.compiler_options(self.target.platform))
+        # Per-layer programs of `train_impl: "layerwise"`, shared by all its architectures (and,
+        # through the run's store, with the run's other workers).
+        layers = None
+        if shared is not None and not self.target.compile_only:
+            layers = SharedLayers(shared.store, self.target)
+        self.layers = layerwise.OpCache(
+            layerwise.compiler_options(self.target.platform), shared=layers
+        )
 
     def get(self, dna: DNA, layout: Layout, cfg: TrainConfig) -> Programs:
         """The programs for `dna`, waiting for a prefetch of them if one is running."""

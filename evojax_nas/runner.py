@@ -182,13 +182,23 @@ def worker_main(
     run = open_run(url, retry=True)  # waits out storage outages
     store, cfg = run.store, run.cfg
     if train_config(cfg).train_impl == "layerwise":
-        # Layer programs are small and many, and not shared through the store: the other
-        # workers of this host, and later runs, find them in JAX's persistent cache.
+        # Layer programs are small and many: later runs (and, with `compile_cache: "worker"`,
+        # the other workers of this host) find them in JAX's persistent cache; the run's other
+        # workers load those compiled here from the run's store (`programs.SharedLayers`: no
+        # trace or lower, 3 ms a program instead of 20 ms from the persistent cache).
         enable_compilation_cache(min_compile_seconds=0.0)
     elif cfg.compile_cache == "worker":  # else programs come from the run's store
         enable_compilation_cache()
     task = run.task
-    worker = Worker(store, cfg, worker_id, task.evaluator(), task.input_channels, task.num_classes)
+    worker = Worker(
+        store,
+        cfg,
+        worker_id,
+        task.evaluator(),
+        task.input_channels,
+        task.num_classes,
+        background_publish=True,  # each child's publication overlaps the next one's training
+    )
     stop = stop or GracefulStop()
     extra = [0]  # events run since the stop was requested
 

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 40   # a run's children
     .venv/bin/python scripts/bench_layerwise.py --tiny --json     # seconds: the test's mode
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --compare-options
+    .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --second-worker
 
 With `train_impl: "whole"` a worker compiles two whole programs per new architecture
 (`programs.compile_programs`: a chunk of training steps and an evaluation batch). This benchmark
@@ -72,6 +73,14 @@ with its own cold signature cache, and prints the ratios (before ÷ now) of comp
 seconds. Their numbers differ only by float rounding: the counts of correct validation answers
 (random labels) may differ by at most 0.1 % of the answers, or the script fails. Measured
 figures: README, "Layer-wise training".
+
+`--second-worker` measures what sharing layer programs through the run's store
+(`programs.SharedLayers`) saves a run's other workers: a first worker compiles the
+architectures' layer programs into a store in a temporary directory, then a second worker (its
+own cold signature cache) builds, trains and evaluates the same architectures, loading every
+signature from the store. Printed: seconds to obtain the layer programs (compile or load) and
+to build the nets for each, the ratio, the store's bytes per program; the two workers' correct
+answers must be equal (the same executables), or the script fails.
 """
 
 from __future__ import annotations
@@ -107,6 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compare-options",
         action="store_true",
         help="layer-wise only: its XLA options now against those before (fusion emitters on)",
+    )
+    p.add_argument(
+        "--second-worker",
+        action="store_true",
+        help="layer-wise only: a second worker loading the first one's layers from a store",
     )
     p.add_argument("--tiny", action="store_true", help="a few tiny architectures (the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -446,6 +460,74 @@ def compare_options(args) -> dict:
     }
 
 
+def second_worker(args) -> dict:
+    """A first worker compiles the layer programs of the architectures into a run's store; a
+    second (cold) worker loads them from there: seconds, counts and bytes of both."""
+    import tempfile
+
+    import jax
+
+    from evojax_nas import dna as D
+    from evojax_nas.layerwise import OpCache
+    from evojax_nas.model import init_variables
+    from evojax_nas.programs import SharedLayers
+    from evojax_nas.store import open_store
+
+    dnas, source, _ = _sequence(args)
+    b = Bench(args.dataset, args.steps, args.seed)
+    workers: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-layers-") as tmp:
+        store = open_store(tmp)
+        for name in ("first", "second"):  # the second starts when the first has shared all
+            b.cache = cache = OpCache(b.options, shared=SharedLayers(store, b.target))
+            t = {"obtain": 0.0, "build": 0.0, "train": 0.0, "eval": 0.0, "correct": 0}
+            for i, dna in enumerate(dnas):
+                dna = D.for_data(dna, 1, 10)
+                row = b.layerwise(dna, init_variables(dna, jax.random.fold_in(b.key, i)))
+                t["obtain"] += row["compile_new_signatures"]
+                t["build"] += row["compile"]
+                for k in ("train", "eval", "correct"):
+                    t[k] += row[k]
+            workers[name] = t | {"compiles": cache.compiles, "loads": cache.loads}
+        folder = os.path.join(tmp, *SharedLayers(store, b.target).folder.split("/"))
+        files = os.listdir(folder) if os.path.isdir(folder) else []  # none: nothing shared
+        sizes = [os.path.getsize(os.path.join(folder, f)) for f in files]
+    first, second = workers["first"], workers["second"]
+    return {
+        "source": source,
+        "architectures": len(dnas),
+        "steps": args.steps,
+        "workers": workers,
+        "obtain_ratio": first["obtain"] / max(second["obtain"], 1e-9),
+        "build_ratio": first["build"] / max(second["build"], 1e-9),
+        "ms_per_compile": 1e3 * first["obtain"] / max(first["compiles"], 1),
+        "ms_per_load": 1e3 * second["obtain"] / max(second["loads"], 1),
+        "shared_programs": len(sizes),
+        "shared_bytes": sum(sizes),
+        "agree": first["correct"] == second["correct"] and second["compiles"] == 0,
+        "load_average": os.getloadavg(),
+        "jax": jax.__version__,
+    }
+
+
+def print_second_worker(out: dict) -> None:
+    print(f"{out['architectures']} architectures ({out['source']}), {out['steps']} steps each")
+    for name, t in out["workers"].items():
+        print(
+            f"  {name:<7} {t['compiles']:4d} compiled, {t['loads']:4d} loaded: obtaining layer "
+            f"programs {t['obtain']:6.2f} s, building nets {t['build']:6.2f} s, train "
+            f"{t['train']:6.2f} s, eval {t['eval']:5.2f} s, correct {t['correct']}"
+        )
+    print(
+        f"first ÷ second: obtaining {out['obtain_ratio']:.1f}x, building {out['build_ratio']:.1f}x"
+        f" ({out['ms_per_compile']:.1f} ms per compile, {out['ms_per_load']:.1f} ms per load); "
+        f"store: {out['shared_programs']} programs, {out['shared_bytes'] / 2**20:.1f} MiB "
+        f"({out['shared_bytes'] / max(out['shared_programs'], 1) / 1024:.0f} KiB each); "
+        f"{'agree' if out['agree'] else 'DISAGREE'}"
+    )
+    print(f"load average {' '.join(f'{x:.2f}' for x in out['load_average'])}")
+
+
 def _sequence(args) -> tuple[list, str, float | None]:
     """The architectures `args` names (a run's or a seeded chain's), sliced; where they come
     from; and the run's share of new architectures (None for a chain)."""
@@ -530,13 +612,17 @@ def print_summary(out: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.compare_options:
-        out = compare_options(args)
-        if args.save:
-            with open(args.save, "w", encoding="utf-8") as f:
-                json.dump(out, f, indent=1)
-        print(json.dumps(out)) if args.json else print_options(out)
-        return 0 if out["agree"] else 1
+    for flag, measure, show in (
+        (args.compare_options, compare_options, print_options),
+        (args.second_worker, second_worker, print_second_worker),
+    ):
+        if flag:
+            out = measure(args)
+            if args.save:
+                with open(args.save, "w", encoding="utf-8") as f:
+                    json.dump(out, f, indent=1)
+            print(json.dumps(out)) if args.json else show(out)
+            return 0 if out["agree"] else 1
     out = bench(args)
     if args.save:
         with open(args.save, "w", encoding="utf-8") as f:

@@ -41,7 +41,7 @@ def test_both_train_impls_side_by_side():
     runs = {r["train_impl"]: r for r in out["runs"]}
     assert set(runs) == {"whole", "layerwise"}
     assert all(r["children"] == 4 for r in runs.values())
-    assert runs["layerwise"]["program_bytes"] == 0  # layer programs stay in the worker
+    assert runs["layerwise"]["program_bytes"] > 0  # layer programs shared through the store
     assert set(runs["layerwise"]["programs"]) <= {"compiled", "layers", "memory"}
     whole = runs["whole"]
     assert whole["programs"].get("compiled", 0) == whole["distinct_architectures"]

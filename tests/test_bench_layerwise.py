@@ -44,6 +44,16 @@ def test_tiny_run_compares_the_layer_options_with_those_before():
     assert all(r > 0 for r in res["ratio_before_over_now"].values())
 
 
+def test_tiny_run_measures_a_second_worker_loading_shared_layers():
+    res = run_script("bench_layerwise.py", "--tiny", "--second-worker", "--json")
+    first, second = res["workers"]["first"], res["workers"]["second"]
+    assert first["compiles"] > 0 and first["loads"] == 0
+    assert second["compiles"] == 0 and second["loads"] == first["compiles"]
+    assert res["shared_programs"] == first["compiles"] and res["shared_bytes"] > 0
+    assert res["agree"] and first["correct"] == second["correct"]
+    assert res["ms_per_compile"] > 0 and res["ms_per_load"] > 0
+
+
 def test_a_seen_architecture_compiles_no_new_signature_and_a_broken_update_is_caught():
     bench = _module()
     from evojax_nas import dna as D

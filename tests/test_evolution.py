@@ -225,3 +225,69 @@ def test_status_summarises_a_young_run(tmp_path):
     assert status["children_per_minute_last_10min"] == trained
     assert status["best_val_accuracy"] == max(r["val_accuracy"] for r in store.records())
     assert status["workers_seen_recently"] == 1
+
+
+class SlowStore:
+    """A store whose publications take `delay` seconds, and fail for the ids in `fail`."""
+
+    def __init__(self, store, delay: float, fail=()):
+        self.store, self.delay, self.fail = store, delay, set(fail)
+
+    def publish(self, ind_id, *args):
+        import time
+
+        from evojax_nas.errors import StoreError
+
+        time.sleep(self.delay)
+        if ind_id in self.fail:
+            raise StoreError(f"the disk refused {ind_id}")
+        return self.store.publish(ind_id, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def _run_publishing(path, background: bool, children: int, fail=(), population=4):
+    store = open_store(str(path))
+    c = cfg(population=population, seed=11)
+    store.write_config(c.to_dict())
+    slow = SlowStore(store, 0.02 if background else 0.0, fail)
+    w = Worker(slow, c, 0, synthetic_evaluator([]), 1, 10, background_publish=background)
+    summaries = []
+    made = run_worker(w, max_children=children, deadline=None, on_event=summaries.append)
+    return store, made, summaries
+
+
+def _lineage(store):
+    return sorted(
+        (r["id"], r["parent"], r["architecture_key"], r["val_accuracy"]) for r in store.records()
+    )
+
+
+def test_background_publishing_decides_as_publishing_in_place(tmp_path):
+    """A one-worker run publishing in the background (each publication slow, so the next
+    event always decides while it is in flight) makes the same run as one publishing in place:
+    the child in flight is listed as a member, and killed only once it is published."""
+    sync, n_sync, _ = _run_publishing(tmp_path / "sync", False, 30)
+    bg, n_bg, summaries = _run_publishing(tmp_path / "bg", True, 30)
+    assert n_sync == n_bg == 30
+    assert _lineage(bg) == _lineage(sync)
+    assert [m.id for m in bg.population()] == [m.id for m in sync.population()]
+    # Some event killed the child of the event before it: it was in flight when decided.
+    pairs = zip(summaries[1:], summaries[:-1], strict=True)
+    assert any(s.get("killed") is not None and s["killed"] == p.get("id") for s, p in pairs)
+
+
+def test_a_failed_background_publication_loses_that_child_and_its_children(tmp_path, caplog):
+    """With a population of 2 every event pairs both members, so the children whose
+    publication fails are picked while in flight: as parents (their children are abandoned)
+    or to be killed (the event is abandoned)."""
+    fail = {f"w000-e{i:06d}" for i in range(6, 12)}
+    store, made, summaries = _run_publishing(tmp_path / "run", True, 25, fail, population=2)
+    records = {r["id"]: r for r in store.records()}
+    assert made == 25 and len(records) == 25  # the lost ones are not counted: 25 made it
+    assert not fail & set(records) and not fail & {r["parent"] for r in records.values()}
+    assert "publishing w000-e000006 failed: the disk refused" in caplog.text
+    abandoned = [s for s in summaries if s["action"] == "abandoned"]
+    assert any("was never published" in s["reason"] for s in abandoned)
+    assert len(store.population()) <= 2

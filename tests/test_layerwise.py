@@ -187,6 +187,89 @@ def test_layer_programs_compile_with_their_options_and_train_as_before(data):
         broken.get(dna, data.layout, LAYERS)
 
 
+def _layer_blobs(root) -> list:
+    (folder,) = [d for d in (root / "programs").iterdir() if d.name.startswith("layers-")]
+    return sorted(folder.iterdir())
+
+
+def test_a_second_worker_loads_the_layers_the_first_compiled(tmp_path, data):
+    """Layer programs go through the run's store: another worker of the run (a fresh cache)
+    loads every layer the first compiled, compiles nothing, and trains bit for bit alike."""
+    from evojax_nas.programs import SharedPrograms
+    from evojax_nas.store import open_store
+
+    store = open_store(str(tmp_path / "run"))
+    dna = merged_dna()
+    variables = M.init_variables(dna, KEY)
+    first = ProgramCache(shared=SharedPrograms(store))
+    a = train_and_evaluate(dna, variables, data, KEY, LAYERS, first)
+    assert a.programs == "compiled" and first.layers.compiles > 0
+    assert len(_layer_blobs(tmp_path / "run")) == first.layers.compiles  # every one shared
+    second = ProgramCache(shared=SharedPrograms(store))
+    with CompileCounter() as counter:
+        b = train_and_evaluate(dna, variables, data, KEY, LAYERS, second)
+    assert counter.count == 0, "loading shared layer programs must not compile"
+    assert b.programs == "shared" and second.layers.compiles == 0
+    assert second.layers.loads == first.layers.compiles
+    assert _equal(a.variables, b.variables) and a.val_accuracy == b.val_accuracy
+    # A worker that keeps its layers to itself (compile_cache "worker") shares nothing.
+    private = ProgramCache()
+    train_and_evaluate(dna, variables, data, KEY, LAYERS, private)
+    assert private.layers.shared is None and private.layers.loads == 0
+
+
+def test_a_damaged_shared_layer_program_costs_a_compile_not_the_run(tmp_path, data, caplog):
+    from evojax_nas.programs import SharedPrograms
+    from evojax_nas.store import open_store
+
+    store = open_store(str(tmp_path / "run"))
+    dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
+    variables = M.init_variables(dna, KEY)
+    a = train_and_evaluate(
+        dna, variables, data, KEY, LAYERS, ProgramCache(shared=SharedPrograms(store))
+    )
+    flipped, garbage = _layer_blobs(tmp_path / "run")[:2]
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # the executable no longer matches its digest
+    flipped.write_bytes(bytes(raw))
+    garbage.write_bytes(b"not a program at all")
+    cache = ProgramCache(shared=SharedPrograms(store))
+    b = train_and_evaluate(dna, variables, data, KEY, LAYERS, cache)
+    assert cache.layers.compiles == 2 and cache.layers.loads == len(cache.layers) - 2
+    assert _equal(a.variables, b.variables) and a.val_accuracy == b.val_accuracy
+    assert "digest" in caplog.text and "not a layer program" in caplog.text
+
+
+def test_layers_from_jax_persistent_cache_are_not_shared(tmp_path, data):
+    """With JAX's persistent cache on (layer-wise worker processes turn it on), a layer compiled
+    afresh is shared through the store, one the persistent cache handed back is not: such an
+    executable does not load in another process (XLA:CPU)."""
+    from jax._src import compilation_cache
+
+    from evojax_nas.programs import SharedPrograms
+    from evojax_nas.store import open_store
+
+    dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
+    variables = M.init_variables(dna, KEY)
+    before = jax.config.jax_compilation_cache_dir
+    before_min = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        fresh = ProgramCache(shared=SharedPrograms(open_store(str(tmp_path / "a"))))
+        train_and_evaluate(dna, variables, data, KEY, LAYERS, fresh)
+        assert len(_layer_blobs(tmp_path / "a")) == fresh.layers.compiles > 0
+        again = ProgramCache(shared=SharedPrograms(open_store(str(tmp_path / "b"))))
+        with CompileCounter() as counter:
+            train_and_evaluate(dna, variables, data, KEY, LAYERS, again)
+        assert counter.cache_hits == again.layers.compiles == fresh.layers.compiles
+        assert not (tmp_path / "b" / "programs").exists()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before_min)
+        compilation_cache.reset_cache()
+
+
 def test_layerwise_divergence_is_reported(data):
     dna = D.for_data(samples.read_dna("small_conv"), 3, 4)
     dna = dataclasses.replace(dna, learning_rate=1e30)
@@ -220,7 +303,7 @@ def test_a_layerwise_run_replays_bit_for_bit(tmp_path, random_dataset):
     store, _ = make_tiny_run(tmp_path / "run", data, train_impl="layerwise")
     cfg = stored_config(store.read_config())
     records = store.records()
-    assert {r.get("programs") for r in records} <= {"compiled", "memory", "layers"}
+    assert {r.get("programs") for r in records} <= {"compiled", "memory", "layers", "shared"}
     assert any(r.get("programs") == "memory" for r in records)
     evaluate = training_evaluator(data, cfg)  # a fresh process's caches
     for r in records:
