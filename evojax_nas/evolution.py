@@ -273,6 +273,7 @@ class _Publication:
 
     member: Member  # as the population listing will show it
     future: concurrent.futures.Future
+    kill: concurrent.futures.Future | None = None  # its kill, queued after the publication
 
 
 @dataclasses.dataclass
@@ -286,9 +287,10 @@ class Worker:
     With `background_publish`, a trained child is written to the store on a background thread
     while the worker goes on with its next event (an orbax save is ~15-30 ms of mostly waiting;
     `scripts/worker_time.py`): the next event's selection lists the child as a member already
-    (so that a one-worker run decides as if it had been published), an event that would kill
-    it waits for its publication first, and a child bred from one whose publication failed is
-    abandoned. `settle` waits for the publication in flight; `run_worker` settles at its end.
+    (so that a one-worker run decides as if it had been published), an event that kills it
+    has the publishing thread kill it right after its publication (the event does not wait),
+    and a child bred from one whose publication failed is abandoned. `settle` waits for the
+    publication in flight; `run_worker` settles at its end.
 
     Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
     race abandons the event; an individual that cannot be loaded, fitted to the data or
@@ -324,6 +326,8 @@ class Worker:
             return None
         try:
             pub.future.result()
+            if pub.kill is not None:
+                pub.kill.result()  # never raises: `_kill_published` logs what fails
             return None
         except Exception as exc:
             ind_id = pub.member.id
@@ -341,15 +345,34 @@ class Worker:
             self._publisher = None
 
     def _listing(self) -> list[Member]:
-        """The population as the store lists it, plus the child being published."""
+        """The population as the store lists it, plus the child being published (unless this
+        worker killed it already: then without it, even if its kill has not run yet)."""
         members = self.store.population()
         pub = self._publication
         if pub is not None and pub.future.done() and pub.future.exception() is not None:
             self.settle()  # failed: it is not a member
             pub = None
-        if pub is not None and all(m.id != pub.member.id for m in members):
-            members.append(pub.member)
+        if pub is not None:
+            members = [m for m in members if m.id != pub.member.id]
+            if pub.kill is None:
+                members.append(pub.member)
         return members
+
+    def _kill(self, ind_id: str) -> None:
+        """The event's kill. The child this worker is publishing is killed right after its
+        publication, by the publishing thread, without waiting for it here."""
+        pub = self._publication
+        if pub is None or pub.member.id != ind_id:
+            self.store.kill(ind_id)
+        elif pub.kill is None:
+            pub.kill = self._publisher.submit(self._kill_published, ind_id)
+
+    def _kill_published(self, ind_id: str) -> None:
+        try:
+            self.store.kill(ind_id)
+        except (ConcurrencyError, NotFoundError, StoreError, OSError) as exc:
+            # Its publication failed (`settle` says so), or another worker killed it first.
+            log.info("worker %d: killing %s after its publication: %s", self.worker_id, ind_id, exc)
 
     def _settle_if(self, ind_id: str | None) -> None:
         """Before killing `ind_id`: waits for its publication if it is in flight.
@@ -467,8 +490,7 @@ class Worker:
             time.sleep(0.5)  # the set-point's last initial individuals are being trained
             raise ConcurrencyError("initials in flight")
         if d.kill is not None:  # the worse dies first; losing this race voids the event
-            self._settle_if(d.kill)
-            self.store.kill(d.kill)
+            self._kill(d.kill)
         selected = time.perf_counter() - t0
         if d.action == "initial":
             pending = self._initial(ev)

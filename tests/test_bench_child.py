@@ -24,7 +24,11 @@ def test_cpu_breakdown_of_the_default_jobs_worker():
     assert {"select", "mutate", "compile", "train", "eval", "publish"} <= set(run["phases_seconds"])
     assert 0 < run["non_training_share"] < 1
     assert run["non_training_share_at_paper_steps"] < run["non_training_share"]
-    assert "second_worker" not in out  # layer programs are not shared through the store
+    assert "second_worker" not in out  # bench_layerwise --second-worker measures layers
+    assert run["publish"] == "background"  # as worker processes publish
+    inline = _run("--publish", "inline")["runs"][0]
+    assert inline["publish"] == "inline" and inline["children"] == 4
+    assert inline["phases_seconds"]["publish"] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")

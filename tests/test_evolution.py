@@ -232,6 +232,7 @@ class SlowStore:
 
     def __init__(self, store, delay: float, fail=()):
         self.store, self.delay, self.fail = store, delay, set(fail)
+        self.kills = []  # (id, the thread that killed it)
 
     def publish(self, ind_id, *args):
         import time
@@ -242,6 +243,12 @@ class SlowStore:
         if ind_id in self.fail:
             raise StoreError(f"the disk refused {ind_id}")
         return self.store.publish(ind_id, *args)
+
+    def kill(self, ind_id):
+        import threading
+
+        self.kills.append((ind_id, threading.current_thread().name))
+        return self.store.kill(ind_id)
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -255,7 +262,7 @@ def _run_publishing(path, background: bool, children: int, fail=(), population=4
     w = Worker(slow, c, 0, synthetic_evaluator([]), 1, 10, background_publish=background)
     summaries = []
     made = run_worker(w, max_children=children, deadline=None, on_event=summaries.append)
-    return store, made, summaries
+    return store, made, summaries, slow.kills
 
 
 def _lineage(store):
@@ -268,22 +275,27 @@ def test_background_publishing_decides_as_publishing_in_place(tmp_path):
     """A one-worker run publishing in the background (each publication slow, so the next
     event always decides while it is in flight) makes the same run as one publishing in place:
     the child in flight is listed as a member, and killed only once it is published."""
-    sync, n_sync, _ = _run_publishing(tmp_path / "sync", False, 30)
-    bg, n_bg, summaries = _run_publishing(tmp_path / "bg", True, 30)
+    sync, n_sync, _, _ = _run_publishing(tmp_path / "sync", False, 30)
+    bg, n_bg, summaries, kills = _run_publishing(tmp_path / "bg", True, 30)
     assert n_sync == n_bg == 30
     assert _lineage(bg) == _lineage(sync)
     assert [m.id for m in bg.population()] == [m.id for m in sync.population()]
-    # Some event killed the child of the event before it: it was in flight when decided.
+    # Some event killed the child of the event before it: it was in flight when decided, and
+    # the publishing thread killed it after publishing it (the event did not wait).
     pairs = zip(summaries[1:], summaries[:-1], strict=True)
-    assert any(s.get("killed") is not None and s["killed"] == p.get("id") for s, p in pairs)
+    in_flight = [s["killed"] for s, p in pairs if s.get("killed") and s["killed"] == p.get("id")]
+    assert in_flight
+    killers = dict(kills)
+    assert all(killers[i].startswith("evojax-nas-publish") for i in in_flight)
+    assert any(not t.startswith("evojax-nas-publish") for t in killers.values())
 
 
 def test_a_failed_background_publication_loses_that_child_and_its_children(tmp_path, caplog):
     """With a population of 2 every event pairs both members, so the children whose
     publication fails are picked while in flight: as parents (their children are abandoned)
-    or to be killed (the event is abandoned)."""
+    or to be killed (a kill that finds nothing: the population refills)."""
     fail = {f"w000-e{i:06d}" for i in range(6, 12)}
-    store, made, summaries = _run_publishing(tmp_path / "run", True, 25, fail, population=2)
+    store, made, summaries, _ = _run_publishing(tmp_path / "run", True, 25, fail, population=2)
     records = {r["id"]: r for r in store.records()}
     assert made == 25 and len(records) == 25  # the lost ones are not counted: 25 made it
     assert not fail & set(records) and not fail & {r["parent"] for r in records.values()}
