@@ -272,8 +272,10 @@ class _Publication:
     """A child this worker is publishing in the background (`Worker.background_publish`)."""
 
     member: Member  # as the population listing will show it
-    future: concurrent.futures.Future
-    kill: concurrent.futures.Future | None = None  # its kill, queued after the publication
+    args: tuple  # of `Store.publish`
+    future: concurrent.futures.Future | None = None  # None: not started yet
+    killed: bool = False  # this worker's event killed it: it dies right after its publication
+    kill: concurrent.futures.Future | None = None
 
 
 @dataclasses.dataclass
@@ -285,12 +287,15 @@ class Worker:
     so that it can compile the child's programs in the background.
 
     With `background_publish`, a trained child is written to the store on a background thread
-    while the worker goes on with its next event (an orbax save is ~15-30 ms of mostly waiting;
-    `scripts/worker_time.py`): the next event's selection lists the child as a member already
-    (so that a one-worker run decides as if it had been published), an event that kills it
-    has the publishing thread kill it right after its publication (the event does not wait),
-    and a child bred from one whose publication failed is abandoned. `settle` waits for the
-    publication in flight; `run_worker` settles at its end.
+    while the next child trains (an orbax save is ~15-30 ms of mostly waiting;
+    `scripts/worker_time.py`). The publication starts once the next child's programs are
+    ready (an evaluator's `prepare(dna)`): the Python-bound work before training (selection,
+    loading the parent, mutation, tracing and compiling) does not share the interpreter with
+    it. The next event's selection lists the child as a member already (so that a one-worker
+    run decides as if it had been published); an event that kills it has the publishing thread
+    kill it right after its publication (the event does not wait); a child bred from one whose
+    publication failed is abandoned. `settle` waits for the publication in flight; `run_worker`
+    settles at its end.
 
     Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
     race abandons the event; an individual that cannot be loaded, fitted to the data or
@@ -321,6 +326,7 @@ class Worker:
     def settle(self) -> str | None:
         """Waits for the child being published in the background, if any. Returns its id if
         its publication failed (logged; the child is lost, its children are abandoned)."""
+        self._start_publication()
         pub, self._publication = self._publication, None
         if pub is None:
             return None
@@ -349,14 +355,28 @@ class Worker:
         worker killed it already: then without it, even if its kill has not run yet)."""
         members = self.store.population()
         pub = self._publication
-        if pub is not None and pub.future.done() and pub.future.exception() is not None:
+        done = pub is not None and pub.future is not None and pub.future.done()
+        if done and pub.future.exception() is not None:
             self.settle()  # failed: it is not a member
             pub = None
         if pub is not None:
             members = [m for m in members if m.id != pub.member.id]
-            if pub.kill is None:
+            if not pub.killed:
                 members.append(pub.member)
         return members
+
+    def _start_publication(self) -> None:
+        """Starts the background publication of the last child (and its kill), if not yet."""
+        pub = self._publication
+        if pub is None or pub.future is not None:
+            return
+        if self._publisher is None:
+            self._publisher = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="evojax-nas-publish"
+            )
+        pub.future = self._publisher.submit(self.store.publish, *pub.args)
+        if pub.killed:
+            pub.kill = self._publisher.submit(self._kill_published, pub.member.id)
 
     def _kill(self, ind_id: str) -> None:
         """The event's kill. The child this worker is publishing is killed right after its
@@ -364,13 +384,15 @@ class Worker:
         pub = self._publication
         if pub is None or pub.member.id != ind_id:
             self.store.kill(ind_id)
-        elif pub.kill is None:
-            pub.kill = self._publisher.submit(self._kill_published, ind_id)
+        elif not pub.killed:
+            pub.killed = True
+            if pub.future is not None:
+                pub.kill = self._publisher.submit(self._kill_published, ind_id)
 
     def _kill_published(self, ind_id: str) -> None:
         try:
             self.store.kill(ind_id)
-        except (ConcurrencyError, NotFoundError, StoreError, OSError) as exc:
+        except (StoreError, OSError) as exc:
             # Its publication failed (`settle` says so), or another worker killed it first.
             log.info("worker %d: killing %s after its publication: %s", self.worker_id, ind_id, exc)
 
@@ -402,6 +424,7 @@ class Worker:
         self.event += 1
         pending, summary = self._guarded(ev, lambda: self._first_half(ev))
         if pending is None:
+            self._start_publication()  # no child trains next: publish the last one now
             return summary, None
         self.initials_in_flight += pending.parent is None
         prefetch = getattr(self.evaluate, "prefetch", None)
@@ -546,10 +569,8 @@ class Worker:
         try:
             self._settle_if(ind_id)
             self.store.kill(ind_id)
-        except ConcurrencyError:
-            pass  # it was never published
         except (StoreError, OSError):
-            pass  # someone else killed it, or it cannot be killed: either way it is out
+            pass  # never published, killed by someone else, or cannot be killed: it is out
 
     def _seeded(self, population: int) -> bool:
         if not self.seeded:
@@ -644,6 +665,13 @@ class Worker:
         key = p.ev.key
         start = time.time()
         train_key = for_purpose(key, TRAIN)
+        prepared = 0.0
+        prepare = getattr(self.evaluate, "prepare", None)
+        if self._publication is not None and prepare is not None:
+            t0 = time.perf_counter()
+            prepare(p.dna)  # its programs first, then the last child's publication
+            prepared = time.perf_counter() - t0
+        self._start_publication()
         if saver is None:
             result = self.evaluate(p.dna, p.params, train_key)
         else:
@@ -676,7 +704,7 @@ class Worker:
             params=result.param_count,
             train_seconds=time.time() - start,
             programs=result.programs,  # memory, shared (the run's store) or compiled
-            timings={**p.timings, **result.timings},
+            timings=_merge_timings(p.timings, result.timings, prepared),
             device=device_info(),  # platform and device kind that trained it
             born=time.time(),
             extra=extra,
@@ -685,21 +713,24 @@ class Worker:
         return record
 
     def _publish(self, p: Pending, record: dict, result: TrainResult) -> None:
-        variables = _copy(result.variables)  # on the host: nothing else may touch them
+        variables = _copy(result.variables)  # the store's own copy, on the host
         args = (p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, variables)
         if not self.background_publish:
             self.store.publish(*args)
-        else:
-            if self._publisher is None:
-                self._publisher = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="evojax-nas-publish"
-                )
+        else:  # started by the next child's training (or `settle`)
             member = Member(p.ind_id, float(result.val_accuracy), time.time_ns())
-            self._publication = _Publication(
-                member, self._publisher.submit(self.store.publish, *args)
-            )
+            self._publication = _Publication(member, args)
         self.known.put(p.ind_id, p.dna, variables)
         self.children += 1
+
+
+def _merge_timings(first_half: dict, training: dict, prepared: float) -> dict:
+    """A child's timings: its first half's, then its training's, with the seconds spent
+    preparing its programs before training (`Worker`, background publishing) in "compile"."""
+    timings = {**first_half, **training}
+    if prepared:
+        timings["compile"] = timings.get("compile", 0.0) + prepared
+    return timings
 
 
 def _initials_ahead(worker: Worker, members: Sequence[Member], since: float) -> bool:
@@ -748,6 +779,9 @@ class TrainingEvaluator:
 
     def prefetch(self, dna: dna_lib.DNA) -> None:
         self.cache.prefetch(dna, self.data.layout, self.config)
+
+    def prepare(self, dna: dna_lib.DNA) -> None:
+        self.cache.prepare(dna, self.data.layout, self.config)
 
 
 # `train_impl: "auto"` trains layer-wise on a CPU up to this many steps per child: there a new

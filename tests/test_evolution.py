@@ -303,3 +303,40 @@ def test_a_failed_background_publication_loses_that_child_and_its_children(tmp_p
     abandoned = [s for s in summaries if s["action"] == "abandoned"]
     assert any("was never published" in s["reason"] for s in abandoned)
     assert len(store.population()) <= 2
+
+
+def test_a_background_publication_starts_once_the_next_childs_programs_are_ready(tmp_path):
+    """With an evaluator that can `prepare` a child's programs, the last child's publication
+    starts after that (the Python-bound first half and compile do not share the interpreter
+    with it), and the preparing time is counted in the child's "compile" timing."""
+    import time
+
+    log = []
+
+    class Store(SlowStore):
+        def publish(self, ind_id, *args):
+            log.append(("publish", ind_id))
+            return super().publish(ind_id, *args)
+
+    evaluate = synthetic_evaluator([])
+
+    class Evaluator:
+        def __call__(self, dna, params, key):
+            return evaluate(dna, params, key)
+
+        def prepare(self, dna):
+            log.append(("prepare", D.architecture_key(dna)))
+            time.sleep(0.01)
+
+    store = open_store(str(tmp_path / "run"))
+    c = cfg(population=4, seed=3)
+    store.write_config(c.to_dict())
+    w = Worker(Store(store, 0.0), c, 0, Evaluator(), 1, 10, background_publish=True)
+    run_worker(w, max_children=12, deadline=None)
+    published = [i for what, i in log if what == "publish"]
+    assert len(published) == 12
+    for before, entry in zip(log, log[1:], strict=False):
+        if entry[0] == "publish" and entry[1] != published[-1]:
+            assert before[0] == "prepare"  # each publication follows the next child's prepare
+    records = [r for r in store.records() if r["parent"]]
+    assert records and all(r["timings"]["compile"] >= 0.01 for r in records[1:])

@@ -137,6 +137,19 @@ def test_prefetch_compiles_in_the_background_and_get_waits_for_it(data):
     cache.close()
 
 
+def test_prepare_obtains_the_programs_now_and_get_says_how(data):
+    cache = ProgramCache()
+    dna = one_conv()
+    cache.prepare(dna, data.layout, CONFIG)
+    assert cache.counts == {"compiled": 1}
+    cache.prepare(dna, data.layout, CONFIG)  # already there: nothing
+    with CompileCounter() as compiles:
+        programs = cache.get(dna, data.layout, CONFIG)
+    assert compiles.count == 0 and programs.source == "compiled"
+    assert cache.get(dna, data.layout, CONFIG).source == "memory"
+    assert cache.counts == {"compiled": 1, "memory": 1}
+
+
 def test_memory_cache_is_bounded_least_recently_used_first_out(data):
     cache = ProgramCache(capacity=1)
     a, b = D.initial_dna(1, 3, 0.1), one_conv()
