@@ -713,7 +713,7 @@ class Worker:
         return record
 
     def _publish(self, p: Pending, record: dict, result: TrainResult) -> None:
-        variables = _copy(result.variables)  # the store's own copy, on the host
+        variables = result.variables  # host arrays no one changes; `known` keeps a copy
         args = (p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, variables)
         if not self.background_publish:
             self.store.publish(*args)
