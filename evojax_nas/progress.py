@@ -26,6 +26,7 @@ class Progress:
     out: Any = dataclasses.field(default_factory=lambda: sys.stdout)  # the current stdout
     errors: list = dataclasses.field(default_factory=list)  # messages of failed workers
     by_worker: dict = dataclasses.field(default_factory=dict)  # children per worker ID
+    last_by_worker: dict = dataclasses.field(default_factory=dict)  # last child's ID per worker
 
     def __post_init__(self):
         self.children = max(self.children, self.offset)
@@ -33,6 +34,14 @@ class Progress:
     def say(self, line: str) -> None:
         if self.out is not None:
             print(line, file=self.out, flush=True)
+
+    def forget(self, worker: int, ind_id: str) -> None:
+        """Uncounts `worker`'s last reported child `ind_id`: it never reached the store (the
+        worker died while publishing it in the background)."""
+        if self.last_by_worker.get(worker) == ind_id:
+            del self.last_by_worker[worker]
+            self.by_worker[worker] -= 1
+            self.children -= 1
 
     def update(self, event: dict) -> None:
         action = event.get("action")
@@ -48,6 +57,7 @@ class Progress:
             return
         self.children += 1
         self.by_worker[event.get("worker")] = self.by_worker.get(event.get("worker"), 0) + 1
+        self.last_by_worker[event.get("worker")] = event["id"]
         self.flops += event.get("flops", 0.0)
         if event.get("val_accuracy", 0.0) > self.best:
             self.best, self.best_id = event["val_accuracy"], event["id"]

@@ -36,6 +36,8 @@ from evojax_nas.progress import Progress
 from evojax_nas.state import FINISHED, WORKER_COUNTER
 from evojax_nas.store import Store, open_store
 
+log = logging.getLogger(__name__)
+
 STOP_GRACE = 15.0  # seconds a stopping worker may take to finish a child the population needs
 MAX_RESTARTS = 3  # worker restarts allowed within RESTART_WINDOW before `evolve` gives up
 RESTART_WINDOW = 600.0
@@ -197,9 +199,7 @@ def worker_main(
         task.evaluator(),
         task.input_channels,
         task.num_classes,
-        # Off until a flake is understood: with it on, tests/test_lifecycle.py's SIGKILLed
-        # worker made `evolve` fail in ~1 of 5 runs (0 of 10 with it off, and at f5f5f21).
-        background_publish=False,
+        background_publish=True,  # the supervisor knows a child may die unpublished with it
     )
     stop = stop or GracefulStop()
     extra = [0]  # events run since the stop was requested
@@ -291,6 +291,7 @@ class _Slot:
     worker_id: int
     share: int | None
     env: dict = dataclasses.field(default_factory=dict)
+    finished: bool = False  # died after its whole share was in the store: nothing to redo
 
 
 def evolve(
@@ -357,7 +358,7 @@ def evolve(
             _stop(slots, events, progress)
             _settle_quietly(store, cfg)
             raise
-    failed = [s.proc.name for s in slots if s.proc.exitcode not in (0, None)]
+    failed = [s.proc.name for s in slots if s.proc.exitcode not in (0, None) and not s.finished]
     if failed:
         raise EvojaxNasError(f"worker processes failed: {failed} (run with -v for their logs)")
     settle(store, cfg)
@@ -377,20 +378,27 @@ def _drain(events: Any, progress: Progress, timeout: float) -> None:
 def _supervise(store, ctx, slots, events, progress, deadline, verbose) -> None:
     """Shows progress until every worker has stopped; restarts one that died unexpectedly."""
     restarts: list[float] = []
-    while any(s.proc.is_alive() for s in slots) or not events.empty():
+    while True:  # until every worker has stopped, the last one too (it may need a restart)
         _drain(events, progress, 0.5)
         if progress.errors:  # a user error in the run's config: every worker would hit it
             raise EvojaxNasError(progress.errors[0])
         for i, slot in enumerate(slots):
             code = slot.proc.exitcode
-            if code is None or code in (0, 2):  # running, done, or a reported user error
+            if code is None or code in (0, 2) or slot.finished:  # running, done, user error
                 continue
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            _uncount_unpublished(store, progress, slot.worker_id)
             left = (
                 None
                 if slot.share is None
                 else slot.share - progress.by_worker.get(slot.worker_id, 0)
             )
             if left is not None and left <= 0:
+                slot.finished = True
+                progress.say(
+                    f"worker {slot.worker_id} died ({how}) after its last child was in the "
+                    "store: nothing lost, nothing to redo"
+                )
                 continue
             now = time.time()
             restarts = [t for t in restarts if now - t < RESTART_WINDOW]
@@ -413,8 +421,25 @@ def _supervise(store, ctx, slots, events, progress, deadline, verbose) -> None:
             )
             p.start()
             slots[i] = _Slot(p, wid, left, slot.env)
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
             progress.say(f"worker {slot.worker_id} died ({how}); restarted as worker {wid}")
+        if not any(s.proc.is_alive() for s in slots) and events.empty():
+            return
+
+
+def _uncount_unpublished(store: Store, progress: Progress, worker_id: int) -> None:
+    """A worker that died may have reported a child it was still publishing in the background
+    (`Worker.background_publish`: at most its last one). If the store lacks it, it is not
+    counted: a restarted worker trains it again."""
+    last = progress.last_by_worker.get(worker_id)
+    if last is None:
+        return
+    try:
+        store.read_record(last)
+    except NotFoundError:
+        progress.forget(worker_id, last)
+        progress.say(f"worker {worker_id} died before {last} was in the store: it does not count")
+    except Exception as exc:  # cannot tell: count it (the run's budget is checked again at its end)
+        log.warning("could not check whether %s was published: %s", last, exc)
 
 
 def _stop(slots: list[_Slot], events: Any, progress: Progress, grace: float = STOP_GRACE) -> None:

@@ -159,7 +159,9 @@ def test_a_worker_that_dies_is_restarted(launch, tmp_path):
         "evolve", "--out", str(run), *TINY, "--max-children", "14",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    assert _wait_until(lambda: _records(run) >= 3, 240)
+    # Early, so that the victim still has children of its share to train (one that died
+    # after its share is not restarted: test_a_worker_that_died_after_its_share_is_not_redone).
+    assert _wait_until(lambda: _records(run) >= 1, 240)
     victim = _children(proc.pid)
     victim = [p for p in victim if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()][0]
     os.kill(victim, signal.SIGKILL)
@@ -171,3 +173,70 @@ def test_a_worker_that_dies_is_restarted(launch, tmp_path):
     dead = int(re.search(r"worker (\d+) died \(signal 9\)", stdout).group(1))
     beats = {w["worker"]: w for w in open_store(str(run), create=False).workers()}
     assert beats[dead].get("stopped") and beats[dead].get("reason") == "died", beats[dead]
+
+
+class _DeadProcess:
+    """What `_supervise` sees of a worker process that was SIGKILLed."""
+
+    exitcode = -9
+    name = "evojax-nas-worker-0"
+
+    def is_alive(self):
+        return False
+
+
+class _Spawner:
+    """A stand-in for the multiprocessing context: records the processes `_supervise` starts
+    (each "exits" at once, having done nothing)."""
+
+    def __init__(self):
+        self.started = []
+
+    def Process(self, target, args, name):  # noqa: N802 (multiprocessing's name)
+        spawner = self
+
+        class Started(_DeadProcess):
+            exitcode = 0
+
+            def start(self):
+                spawner.started.append(args)
+
+        return Started()
+
+
+def _supervised(tmp_path, published: bool):
+    """`_supervise` over one SIGKILLed worker (ID 0, share 2) that reported two children, the
+    second of which reached the store only if `published` (background publishing)."""
+    import multiprocessing as mp
+
+    from evojax_nas.dna import initial_dna, to_dict
+    from evojax_nas.progress import Progress
+    from evojax_nas.runner import _Slot, _supervise
+
+    store = open_store(str(tmp_path / "run"))
+    ids = ["init-000-000000", "init-000-000001"]
+    for ind_id in ids[: 1 + published]:
+        store.publish(ind_id, to_dict(initial_dna(3, 10)), {"born": time.time()}, 0.5, None)
+    lines = []
+    progress = Progress(budget=4, out=None)
+    progress.say = lines.append
+    for ind_id in ids:
+        progress.update({"action": "initial", "worker": 0, "id": ind_id})
+    slot, spawner = _Slot(_DeadProcess(), 0, 2), _Spawner()
+    _supervise(store, spawner, [slot], mp.get_context("spawn").Queue(), progress, None, False)
+    return slot, spawner.started, progress, "\n".join(lines)
+
+
+def test_a_worker_that_died_after_its_share_is_not_redone(tmp_path):
+    slot, started, progress, said = _supervised(tmp_path, published=True)
+    assert started == [] and slot.finished
+    assert progress.children == 2
+    assert "worker 0 died (signal 9) after its last child was in the store" in said
+
+
+def test_a_child_still_being_published_when_its_worker_died_is_trained_again(tmp_path):
+    slot, started, progress, said = _supervised(tmp_path, published=False)
+    assert "worker 0 died before init-000-000001 was in the store: it does not count" in said
+    assert progress.children == 1 and progress.by_worker[0] == 1
+    assert len(started) == 1 and started[0][2] == 1  # the restarted worker's share: 1 child
+    assert "worker 0 died (signal 9); restarted as worker" in said
