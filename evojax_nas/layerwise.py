@@ -22,7 +22,11 @@ A step, for a DNA resolved by `evojax_nas.architecture`:
   the update of its own parameters (`steps.make_optimizer`: SGD with momentum 0.9, weight decay
   on convolution kernels only), and one more call per fan-out to sum gradients.
 
-Evaluation runs the forward programs on the running averages. The numbers agree with the
+Evaluation runs the training step's forward programs, BN+ReLU in eval mode (the running
+averages; the mode is a runtime argument of one program), on the evaluation batch cut into
+parts of the training batch size where it divides: besides a cut and the head's count it
+compiles nothing of its own (separate evaluation programs at batch 250 were ~30 % of a default
+job's layer signatures). The numbers agree with the
 whole-program path (`steps.make_train_step`) to float rounding (~1e-7; tests/test_layerwise.py),
 not bit for bit: the implementation is part of a run's config, so a replay uses the same one.
 """
@@ -154,15 +158,21 @@ def _sgd(p, g, m, lr, momentum: float, decay: float):
     return p - lr * m, m
 
 
-def _bn_relu(h, scale, bias, mean, var, train: bool):
+def _bn_relu(h, scale, bias, mean, var, train: bool | jax.Array):
+    """BN+ReLU in train mode (batch statistics; also returns the new running averages) or, for
+    `train=False`, in eval mode (the running averages). `train` may be a traced boolean: both
+    modes in one program, the mode a runtime argument (the new averages are returned either way;
+    evaluation ignores them)."""
     bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
     variables = {
         "params": {"scale": scale, "bias": bias},
         "batch_stats": {"mean": mean, "var": var},
     }
-    if not train:
+    if train is False:
         return nn.relu(bn.apply(variables, h, use_running_average=True))
     y, new = bn.apply(variables, h, use_running_average=False, mutable=["batch_stats"])
+    if train is not True:
+        y = jnp.where(train, y, bn.apply(variables, h, use_running_average=True))
     return nn.relu(y), new["batch_stats"]["mean"], new["batch_stats"]["var"]
 
 
@@ -187,12 +197,15 @@ def conv_bwd(impl: str, stride: int, need_dx: bool, momentum: float, decay: floa
     return f
 
 
-def vertex_fwd(n_in: int, has_bn: bool, train: bool) -> Callable:
-    def f(*args):  # inputs..., [scale, bias, mean, var]
+def vertex_fwd(n_in: int, has_bn: bool) -> Callable:
+    """A vertex's forward, for training and evaluation alike: with BN, its last argument says
+    which mode (one program instead of two; evaluation runs at the training batch size)."""
+
+    def f(*args):  # inputs..., [scale, bias, mean, var, train]
         h = resolve_inputs(args[0], args[1:n_in])
         if not has_bn:
             return h
-        return _bn_relu(h, *args[n_in:], train=train)
+        return _bn_relu(h, *args[n_in:-1], train=args[-1])
 
     return f
 
@@ -242,9 +255,9 @@ def head_train(classes: int, momentum: float) -> Callable:
 def head_eval(classes: int) -> Callable:
     dense = nn.Dense(classes)
 
-    def f(x, kernel, bias, y, mask):
+    def f(x, kernel, bias, y, mask, correct):
         logits = dense.apply({"params": {"kernel": kernel, "bias": bias}}, jnp.mean(x, (1, 2)))
-        return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
+        return correct + jnp.sum((jnp.argmax(logits, -1) == y) & mask, dtype=correct.dtype)
 
     return f
 
@@ -260,6 +273,15 @@ def add() -> Callable:
 
 def unstack(count: int) -> Callable:
     return lambda xs, ys: (tuple(xs[i] for i in range(count)), tuple(ys[i] for i in range(count)))
+
+
+def split(count: int) -> Callable:
+    """An evaluation batch as `count` batches of the training batch size."""
+
+    def f(*arrays):
+        return tuple(tuple(jnp.split(a, count)) for a in arrays)
+
+    return f
 
 
 # ---------------------------------------------------------------------------------- the driver
@@ -308,7 +330,10 @@ class LayerwiseNet:
             shapes[slot] = sds(shape)
             if coll == "params":
                 shapes["m:" + slot] = sds(shape)
-        shapes.update(lr=sds(()), bad=sds((), jnp.bool_))
+        shapes.update(lr=sds(()), bad=sds((), jnp.bool_), train=sds((), jnp.bool_))
+        shapes.update(eval=shapes["train"], correct=sds((), jnp.int32))
+        put = lambda v: jax.device_put(v, sharding)  # noqa: E731
+        self._constants = {"train": put(True), "eval": put(False), "correct": put(jnp.int32(0))}
 
         def emit(train: bool, compiled, ins, outs) -> None:
             (self.train_ops if train else self.eval_ops).append((compiled, tuple(ins), tuple(outs)))
@@ -341,8 +366,12 @@ class LayerwiseNet:
                     aliases.add(vid)
                     continue
                 bn = [f"{c}/{bn_name(vid)}/{leaf}" for c, leaf in BN_LEAVES] if has_bn else []
-                outs = [f"a{vid}"] + (bn[2:] if has_bn and train else [])
-                op(train, vertex_fwd, (len(ins), has_bn, train), ins + bn, outs)
+                if has_bn:  # the new running averages: evaluation discards them
+                    bn.append("train" if train else "eval")
+                    outs = [f"a{vid}", *(bn[2:4] if train else ["discard", "discard"])]
+                else:
+                    outs = [f"a{vid}"]
+                op(train, vertex_fwd, (len(ins), has_bn), ins + bn, outs)
             return aliases
 
         # ---- the training step
@@ -410,17 +439,26 @@ class LayerwiseNet:
                 elif need_dx:
                     accumulate(f"a{e.src}", g)
 
-        # ---- the evaluation batch (raw images, normalised by the first program)
-        shapes[self.input_slot] = sds((eval_batch_size, *image), image_dtype)
+        # ---- the evaluation batch (raw images, normalised by the first program), in parts of
+        # the training batch size where it divides: the forward programs are training's then
+        # (with BN in eval mode), so evaluation compiles nearly nothing of its own
+        self._parts = eval_batch_size // batch_size if eval_batch_size % batch_size == 0 else 1
+        size = eval_batch_size // self._parts
+        self._eval_shapes = [
+            sds((eval_batch_size, *image), image_dtype),
+            sds((eval_batch_size,), jnp.int32),
+            sds((eval_batch_size,), jnp.bool_),
+        ]
+        shapes[self.input_slot] = sds((size, *image), image_dtype)
         op(False, prep, (meta,), [self.input_slot], [self.input_slot])
         forward(train=False)
-        shapes["y"] = sds((eval_batch_size,), jnp.int32)
-        shapes["mask"] = sds((eval_batch_size,), jnp.bool_)
+        shapes["y"] = sds((size,), jnp.int32)
+        shapes["mask"] = sds((size,), jnp.bool_)
         op(
             False,
             head_eval,
             (classes,),
-            [out, *head, "y", "mask"],
+            [out, *head, "y", "mask", "correct"],
             ["correct"],
         )
         self.calls_per_step = sum(c is not None for c, _, _ in self.train_ops)
@@ -455,6 +493,7 @@ class LayerwiseNet:
             if coll == "params":
                 env["m:" + slot] = momenta[module][leaf]
         env["bad"], env["lr"] = state.bad, jnp.asarray(lr, jnp.float32)
+        env["train"] = self._constants["train"]
         xs, ys = self._batches(xbs, ybs)
         for i in range(int(n)):
             env[self.input_slot], env["y"] = xs[i], ys[i]
@@ -471,10 +510,17 @@ class LayerwiseNet:
 
     def eval_batch(self, params, batch_stats, x, y, mask):
         """Correct predictions in one evaluation batch: `steps.make_eval_step`'s contract."""
-        env: dict[str, Any] = {self.input_slot: x, "y": y, "mask": mask}
+        env: dict[str, Any] = {"eval": self._constants["eval"]}
+        env["correct"] = self._constants["correct"]
         for slot, (coll, module, leaf) in self.slots.items():
             env[slot] = (params if coll == "params" else batch_stats)[module][leaf]
-        self._run(self.eval_ops, env)
+        parts = [(x, y, mask)]
+        if self._parts > 1:
+            cut = self._ops.get(split, (self._parts,), self._eval_shapes)
+            parts = zip(*cut(x, y, mask), strict=True)
+        for xp, yp, mp in parts:
+            env.update({self.input_slot: xp, "y": yp, "mask": mp})
+            self._run(self.eval_ops, env)
         return env["correct"]
 
 

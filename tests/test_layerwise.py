@@ -114,6 +114,29 @@ def test_layerwise_fitness_and_flops_match_the_whole_program(data):
     assert a.flops_train_step > 0
 
 
+@pytest.mark.parametrize("eval_batch", [16, 20])  # 20: two parts of the training batch (10)
+def test_layerwise_evaluation_counts_what_the_whole_program_counts(eval_batch):
+    dna, val = merged_dna(), DeviceData.upload(dataset(), eval_batch)
+    variables = M.init_variables(dna, KEY)
+    rng = np.random.default_rng(3)  # running averages far from init: eval mode must use them
+    moved = jax.tree_util.tree_map(
+        lambda v: np.asarray(v) + rng.uniform(0.5, 2.0, np.shape(v)).astype(np.float32),
+        variables["batch_stats"],
+    )
+    counts = {}
+    for cfg in (WHOLE, LAYERS):
+        cfg = dataclasses.replace(cfg, eval_batch_size=eval_batch)
+        programs = ProgramCache().get(dna, val.layout, cfg)
+        counts[cfg.train_impl] = [
+            [int(programs.eval_batch(variables["params"], stats, x, y, m)) for x, y, m in batches]
+            for stats in (variables["batch_stats"], moved)
+            for batches in [val.val_batches]
+        ]
+    assert counts["layerwise"] == counts["whole"]
+    assert counts["whole"][0] != counts["whole"][1]  # the running averages made a difference
+    assert sum(counts["whole"][0]) <= 21 and len(counts["whole"][0]) == 2
+
+
 def test_layerwise_is_deterministic_and_resumes_bit_for_bit(data):
     dna = merged_dna()
     variables = M.init_variables(dna, KEY)
