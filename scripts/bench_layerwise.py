@@ -5,6 +5,7 @@
     .venv/bin/python scripts/bench_layerwise.py --tiny --json     # seconds: the test's mode
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --compare-options
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --second-worker
+    .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100 --layers-only
 
 With `train_impl: "whole"` a worker compiles two whole programs per new architecture
 (`programs.compile_programs`: a chunk of training steps and an evaluation batch). This benchmark
@@ -121,6 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--second-worker",
         action="store_true",
         help="layer-wise only: a second worker loading the first one's layers from a store",
+    )
+    p.add_argument(
+        "--layers-only",
+        action="store_true",
+        help="layer-wise only, totals and signatures by operation (run it in two checkouts to "
+        "compare them)",
     )
     p.add_argument("--tiny", action="store_true", help="a few tiny architectures (the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -460,6 +467,46 @@ def compare_options(args) -> dict:
     }
 
 
+def layers_only(args) -> dict:
+    """The layer-wise path alone over the architectures: compile (new signatures), training and
+    evaluation seconds, correct answers, and the signatures by operation."""
+    import jax
+
+    from evojax_nas import dna as D
+    from evojax_nas.model import init_variables
+
+    dnas, source, _ = _sequence(args)
+    b = Bench(args.dataset, args.steps, args.seed)
+    totals = {"compile": 0.0, "train": 0.0, "eval": 0.0, "correct": 0}
+    for i, dna in enumerate(dnas):
+        dna = D.for_data(dna, 1, 10)
+        row = b.layerwise(dna, init_variables(dna, jax.random.fold_in(b.key, i)))
+        totals["compile"] += row["compile_new_signatures"]
+        for k in ("train", "eval", "correct"):
+            totals[k] += row[k]
+    return {
+        "source": source,
+        "architectures": len(dnas),
+        "steps": args.steps,
+        "signatures": len(b.cache),
+        "signatures_by_op": _count_ops(b.cache),
+        "totals": totals,
+        "agree": True,  # nothing to compare within one checkout
+        "load_average": os.getloadavg(),
+        "jax": jax.__version__,
+    }
+
+
+def print_layers_only(out: dict) -> None:
+    t = out["totals"]
+    print(
+        f"{out['architectures']} architectures ({out['source']}), {out['steps']} steps each: "
+        f"{out['signatures']} layer signatures {out['signatures_by_op']}\n"
+        f"  compile {t['compile']:7.2f} s  train {t['train']:7.2f} s  eval {t['eval']:6.2f} s  "
+        f"correct {t['correct']}\nload average " + " ".join(f"{x:.2f}" for x in out["load_average"])
+    )
+
+
 def second_worker(args) -> dict:
     """A first worker compiles the layer programs of the architectures into a run's store; a
     second (cold) worker loads them from there: seconds, counts and bytes of both."""
@@ -615,6 +662,7 @@ def main(argv=None) -> int:
     for flag, measure, show in (
         (args.compare_options, compare_options, print_options),
         (args.second_worker, second_worker, print_second_worker),
+        (args.layers_only, layers_only, print_layers_only),
     ):
         if flag:
             out = measure(args)

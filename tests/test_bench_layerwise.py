@@ -54,6 +54,15 @@ def test_tiny_run_measures_a_second_worker_loading_shared_layers():
     assert res["ms_per_compile"] > 0 and res["ms_per_load"] > 0
 
 
+def test_tiny_run_measures_the_layer_wise_path_alone():
+    res = run_script("bench_layerwise.py", "--tiny", "--layers-only", "--json")
+    assert res["architectures"] == 3 and res["signatures"] == sum(res["signatures_by_op"].values())
+    assert res["totals"]["compile"] > 0 and res["totals"]["train"] > 0
+    # Evaluation has no forward programs of its own: only its cut and the head's count.
+    assert res["signatures_by_op"]["vertex_fwd"] == res["signatures_by_op"]["vertex_bwd"]
+    assert "split" in res["signatures_by_op"] and "head_eval" in res["signatures_by_op"]
+
+
 def test_a_seen_architecture_compiles_no_new_signature_and_a_broken_update_is_caught():
     bench = _module()
     from evojax_nas import dna as D
