@@ -438,7 +438,7 @@ def _uncount_unpublished(store: Store, progress: Progress, worker_id: int) -> No
     except NotFoundError:
         progress.forget(worker_id, last)
         progress.say(f"worker {worker_id} died before {last} was in the store: it does not count")
-    except Exception as exc:  # cannot tell: count it (the run's budget is checked again at its end)
+    except Exception as exc:  # cannot tell (e.g. the store is down): count it, as before
         log.warning("could not check whether %s was published: %s", last, exc)
 
 
