@@ -4,7 +4,10 @@ population is at its set-point, and every individual replays bit for bit.
 
 Workers are forked from a forkserver that imported JAX once (a spawn per restart would cost
 seconds); their fitness is synthetic (a function of the architecture), so the test measures the
-protocol, not training. The figures it prints (`pytest -s`) are quoted in the README.
+protocol, not training. Workers with odd IDs publish on a background thread (as `evolve`'s
+worker processes do), so its protocol points are hit on that thread too; such a worker logs a
+child as published only once the next child's training has settled its publication. The
+figures it prints (`pytest -s`) are quoted in the README.
 """
 
 import contextlib
@@ -87,12 +90,23 @@ def chaos_worker(root: str, wid: int, point: str | None, nth: int) -> None:
     if point is not None:
         _die_at(point, nth)
     store = RetryingStore(Stalling(LocalStore(root), root + ".stall"), first=0.05, cap=0.4)
-    worker = Worker(store, CFG, wid, synthetic, input_channels=1, num_classes=10)
+    background = wid % 2 == 1  # half the workers publish on a background thread, as `evolve`'s
+    worker = Worker(
+        store, CFG, wid, synthetic, input_channels=1, num_classes=10, background_publish=background
+    )
+    unsettled = None  # publishing in the background: the last child, not yet known published
     with open(os.path.join(os.path.dirname(root), f"published-{wid}.log"), "a") as log:
         while True:
             out = worker.step()
-            if out["action"] in ("initial", "reproduce"):
-                log.write(out["id"] + "\n")
+            if out["action"] not in ("initial", "reproduce"):
+                continue
+            done = out["id"]
+            if background:  # training this child settled the last one's publication
+                done, unsettled = unsettled, done
+                if done in worker._lost:  # its publication failed: it was never published
+                    done = None
+            if done is not None:
+                log.write(done + "\n")
                 log.flush()
 
 
