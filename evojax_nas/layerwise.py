@@ -315,7 +315,7 @@ class LayerwiseNet:
         self.train_ops: list[Instruction] = []
         self.eval_ops: list[Instruction] = []
         self.slots: dict[str, tuple[str, str, str]] = {}  # variable slot → (coll, module, leaf)
-        self._ops, self._unstack = ops, {}
+        self._ops = ops
         self._sharding = sharding
         shapes: dict[str, jax.ShapeDtypeStruct] = {}
 
@@ -441,13 +441,13 @@ class LayerwiseNet:
         # ---- the evaluation batch (raw images, normalised by the first program), in parts of
         # the training batch size where it divides: the forward programs are training's then
         # (with BN in eval mode), so evaluation compiles nearly nothing of its own
-        self._parts = eval_batch_size // batch_size if eval_batch_size % batch_size == 0 else 1
-        size = eval_batch_size // self._parts
-        self._eval_shapes = [
-            sds((eval_batch_size, *image), image_dtype),
-            sds((eval_batch_size,), jnp.int32),
-            sds((eval_batch_size,), jnp.bool_),
-        ]
+        parts = eval_batch_size // batch_size if eval_batch_size % batch_size == 0 else 1
+        size = eval_batch_size // parts
+        self._cut = None  # the evaluation batch as `parts` batches of `size`
+        if parts > 1:
+            batch = [(image, image_dtype), ((), jnp.int32), ((), jnp.bool_)]
+            args = [sds((eval_batch_size, *shape), dtype) for shape, dtype in batch]
+            self._cut = ops.get(split, (parts,), args)
         shapes[self.input_slot] = sds((size, *image), image_dtype)
         op(False, prep, (meta,), [self.input_slot], [self.input_slot])
         forward(train=False)
@@ -513,10 +513,7 @@ class LayerwiseNet:
         env["correct"] = self._constants["correct"]
         for slot, (coll, module, leaf) in self.slots.items():
             env[slot] = (params if coll == "params" else batch_stats)[module][leaf]
-        parts = [(x, y, mask)]
-        if self._parts > 1:
-            cut = self._ops.get(split, (self._parts,), self._eval_shapes)
-            parts = zip(*cut(x, y, mask), strict=True)
+        parts = [(x, y, mask)] if self._cut is None else zip(*self._cut(x, y, mask), strict=True)
         for xp, yp, mp in parts:
             env.update({self.input_slot: xp, "y": yp, "mask": mp})
             self._run(self.eval_ops, env)
