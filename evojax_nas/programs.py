@@ -8,7 +8,8 @@ device; never on the weights or the learning rate. `ProgramCache` finds them, in
    learning rate, reset weights) compiles nothing;
 2. in the run's store (`programs/<key>/`), as serialized executables, so an architecture that
    one worker compiled is *loaded* — not traced, lowered or compiled — by every other worker of
-   the run, on this host or another with the same platform, device kind and JAX version;
+   the run, on this host or another with the same platform, device kind, JAX version and
+   package code (`code_digest`);
 3. otherwise it compiles them, and shares them through the store. A create-only claim lets the
    other workers that need the same architecture meanwhile wait for it instead of compiling it
    again.
@@ -31,11 +32,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import pathlib
 import pickle
 import threading
 import time
@@ -65,6 +68,30 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # of the key and of the shared files; bump when either changes
 MAX_PROGRAM_BYTES = 512 * 2**20
 CLAIM_WAIT_SECONDS = 300.0  # how long to wait for a program another worker claimed to compile
+
+# The package modules compiled programs are traced from: this one and what it imports,
+# transitively (tests/test_programs.py checks the list against the import graph).
+CODE_MODULES = (
+    "architecture", "augment", "conv", "dna", "errors", "layerwise", "model", "programs", "steps"
+)  # fmt: skip
+
+
+def source_digest(folder: str | os.PathLike, modules: tuple[str, ...]) -> str:
+    """A digest of the source files `folder/<module>.py`, names included."""
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        h.update(f"{name}\n".encode())
+        h.update(hashlib.sha256((pathlib.Path(folder) / f"{name}.py").read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def code_digest() -> str:
+    """This package's code that programs are traced from (`CODE_MODULES`), as a digest. It is
+    part of every shared program's key: a run resumed or joined by workers with other code
+    compiles its programs afresh instead of loading ones built from different code under the
+    same signature (a layer program's signature names its operation and shapes, not its code)."""
+    return source_digest(pathlib.Path(__file__).parent, CODE_MODULES)
 
 
 class Target(NamedTuple):
@@ -165,6 +192,7 @@ def program_key(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target) -> s
         target.device_kind,
         jax.__version__,
         jaxlib_version,
+        code_digest(),
     ]
     return hashlib.sha256(json.dumps(canon, default=list).encode()).hexdigest()[:24]
 
@@ -464,12 +492,12 @@ class SharedLayers:
     signature: `programs/layers-<environment>/<signature digest>`.
 
     The environment digest covers what an executable depends on besides its signature (this
-    format, platform, device kind, JAX and jaxlib versions; the compiler options go into each
-    signature's digest). A blob holds a header, a JSON line (the executable's SHA-256 and the
-    structure of its outputs) and the serialized executable; one that fails to load (damaged,
-    foreign) costs a compile, never the run. On a CPU loading one took 3.2 ms, compiling it
-    58.9 ms, taking it from JAX's persistent cache 19.5 ms (a default job's first 100
-    architectures: `scripts/bench_layerwise.py --second-worker`; README).
+    format, platform, device kind, JAX and jaxlib versions, the package's code: `code_digest`;
+    the compiler options go into each signature's digest). A blob holds a header, a JSON line
+    (the executable's SHA-256 and the structure of its outputs) and the serialized executable;
+    one that fails to load (damaged, foreign) costs a compile, never the run. On a CPU loading
+    one took 3.2 ms, compiling it 58.9 ms, taking it from JAX's persistent cache 19.5 ms (a
+    default job's first 100 architectures: `scripts/bench_layerwise.py --second-worker`).
     """
 
     def __init__(self, store, target: Target):
@@ -478,6 +506,7 @@ class SharedLayers:
         self.store = store
         self.target = target
         env = [FORMAT, target.platform, target.device_kind, jax.__version__, jaxlib_version]
+        env.append(code_digest())
         digest = hashlib.sha256(json.dumps(env).encode()).hexdigest()[:16]
         self.folder = f"programs/layers-{digest}"
         self.unusable: set[str] = set()  # names that failed to load here: compiled instead

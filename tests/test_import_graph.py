@@ -110,3 +110,17 @@ def test_the_layering_check_would_catch_a_wrong_way_import():
     assert layer("evojax_nas.store.local") < layer("evojax_nas.evolution") < layer("evojax_nas.app")
     assert layer("evojax_nas.app") < layer("evojax_nas.cli_evolve")
     assert layer("evojax_nas.errors") == 0
+
+
+def test_the_code_digest_covers_what_programs_are_traced_from(graph):
+    """`programs.CODE_MODULES` (hashed into every shared program's key) is `programs` and what
+    it imports, transitively: an edit to any of them makes a run's shared programs stale."""
+    from evojax_nas.programs import CODE_MODULES
+
+    closure, todo = set(), ["evojax_nas.programs"]
+    while todo:
+        name = todo.pop()
+        if name not in closure:
+            closure.add(name)
+            todo.extend(graph[name][0])
+    assert {f"evojax_nas.{m}" for m in CODE_MODULES} == closure

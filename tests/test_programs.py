@@ -176,6 +176,31 @@ def test_a_claimed_program_is_waited_for_and_a_stale_claim_is_not(tmp_path, data
     assert key != key2
 
 
+def test_programs_are_shared_only_between_workers_with_the_same_code(tmp_path, monkeypatch):
+    """A layer or whole program's signature names its shapes, not its code: the package code's
+    digest is in both keys, so a run resumed with changed code does not load stale programs."""
+    import shutil
+
+    from evojax_nas import programs as P
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in P.CODE_MODULES:
+        shutil.copy(os.path.join(os.path.dirname(P.__file__), f"{name}.py"), src / f"{name}.py")
+    before = P.source_digest(src, P.CODE_MODULES)
+    assert before == P.code_digest()  # the installed package's own files
+    with open(src / "layerwise.py", "a", encoding="utf-8") as f:
+        f.write("\n# an edit\n")
+    assert P.source_digest(src, P.CODE_MODULES) != before
+
+    layout, target = Layout.of(tiny_dataset()), P.Target("cpu", "cpu")
+    store = open_store(str(tmp_path / "run"))
+    key, folder = P.program_key(one_conv(), layout, CONFIG, target), P.SharedLayers(store, target)
+    monkeypatch.setattr(P, "code_digest", lambda: "other code")
+    assert P.program_key(one_conv(), layout, CONFIG, target) != key
+    assert P.SharedLayers(store, target).folder != folder.folder
+
+
 def test_blob_store_operations_are_create_only_and_bounded(tmp_path):
     store = open_store(str(tmp_path / "run"))
     store.write_blob("programs/abc/x.bin", b"12345")
