@@ -47,7 +47,7 @@ from evojax_nas.keys import (  # noqa: F401
 )
 from evojax_nas.model import flatten, variable_shapes
 from evojax_nas.mutations import MutationError
-from evojax_nas.programs import ProgramCache, SharedPrograms
+from evojax_nas.programs import ProgramCache, SharedPrograms, code_version
 from evojax_nas.recipe import INITIAL_MUTATION, make_child, make_initial, plan_child
 from evojax_nas.state import CONTROL, MAX_MUTATIONS, SEEDED, Control, Record  # noqa: F401
 from evojax_nas.store import Member, Store
@@ -706,6 +706,7 @@ class Worker:
             programs=result.programs,  # memory, shared (the run's store) or compiled
             timings=_merge_timings(p.timings, result.timings, prepared),
             device=device_info(),  # platform and device kind that trained it
+            code=code_version(),  # the package code and JAX versions that trained it
             born=time.time(),
             extra=extra,
         ).to_json()

@@ -94,6 +94,15 @@ def code_digest() -> str:
     return source_digest(pathlib.Path(__file__).parent, CODE_MODULES)
 
 
+def code_version() -> dict:
+    """What a trained individual's numbers depend on besides its record: this package's code
+    (`code_digest`) and the JAX and jaxlib versions. Each record names it, so that `replay` can
+    say when a mismatch is only a different version."""
+    from jax._src.lib import version_str as jaxlib_version
+
+    return {"package": code_digest(), "jax": jax.__version__, "jaxlib": jaxlib_version}
+
+
 class Target(NamedTuple):
     """The device programs are compiled for; its platform picks convolution and options.
 

@@ -17,6 +17,7 @@ from evojax_nas.errors import CheckpointError, EvojaxNasError, NotFoundError, St
 from evojax_nas.evolution import Evaluator
 from evojax_nas.keys import TRAIN, for_purpose, key_from_json
 from evojax_nas.model import flatten
+from evojax_nas.programs import code_version
 from evojax_nas.recipe import Plan, make_child, make_initial
 from evojax_nas.store import Store
 
@@ -132,9 +133,23 @@ def verdict(
         if not ok
     ]
     if differs:
-        return out | {"verdict": MISMATCH, "detail": "different " + ", ".join(differs)}
+        detail = "different " + ", ".join(differs) + _other_code(store, ind_id)
+        return out | {"verdict": MISMATCH, "detail": detail}
     detail = "bit for bit" if out["weights_match"] else "DNA and accuracy (own weights collected)"
     return out | {"verdict": REPRODUCED, "detail": detail}
+
+
+def _other_code(store: Store, ind_id: str) -> str:
+    """Why a mismatch may be expected: the individual was trained by other code than this
+    checkout's (numbers agree only within one package code, JAX and jaxlib version)."""
+    trained_by = store.read_record(ind_id).get("code")
+    here = code_version()
+    if not isinstance(trained_by, dict):
+        return " (its record does not name the code that trained it: replay with that checkout)"
+    other = [f"{k} {trained_by.get(k)} here {v}" for k, v in here.items() if trained_by.get(k) != v]
+    if not other:
+        return ""
+    return f" (trained by other code: {'; '.join(other)}: replay with the checkout that made it)"
 
 
 def replay_many(

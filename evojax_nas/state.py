@@ -87,6 +87,7 @@ class Record:
     programs: Any = None
     timings: dict = dataclasses.field(default_factory=dict)
     device: dict | None = None
+    code: dict | None = None  # `programs.code_version()` of the worker that trained it
     born: float | None = None
     format: int = RECORD_FORMAT
     extra: dict = dataclasses.field(default_factory=dict)

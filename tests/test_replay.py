@@ -134,3 +134,27 @@ def test_replay_cli_all_and_lineage(tmp_path, monkeypatch, capsys, tiny_run, ran
     out = capsys.readouterr().out
     assert "MISMATCH" in out and f"mismatched: {last}" in out
     assert cli.main(["replay", store.url]) == 2
+
+
+def test_a_mismatch_says_when_other_code_trained_the_individual(tmp_path, tiny_run):
+    """Numbers agree only within one package code and JAX version: every record names them,
+    and a mismatch on a record from other code (or from before records named it) says so."""
+    from evojax_nas.programs import code_version
+    from evojax_nas.replay import MISMATCH
+
+    store, evaluate = tiny_run(tmp_path)
+    ids = sorted(r["id"] for r in store.records() if r["parent"] is not None)
+    assert all(store.read_record(i)["code"] == code_version() for i in ids)
+    same, other, unnamed = ids[-3:]
+    root = tmp_path / "run" / "inds"
+    for ind_id, code in ((same, code_version()), (other, {**code_version(), "package": "0ld"})):
+        record = store.read_record(ind_id) | {"val_accuracy": 0.999, "code": code}
+        (root / ind_id / "record.json").write_text(json.dumps(record))
+    record = store.read_record(unnamed) | {"val_accuracy": 0.999}
+    del record["code"]
+    (root / unnamed / "record.json").write_text(json.dumps(record))
+    verdicts = _verdicts(store, evaluate, [same, other, unnamed])
+    assert all(v["verdict"] == MISMATCH for v in verdicts.values())
+    assert verdicts[same]["detail"] == "different validation accuracy"
+    assert "trained by other code: package 0ld here " in verdicts[other]["detail"]
+    assert "does not name the code" in verdicts[unnamed]["detail"]
