@@ -6,6 +6,7 @@
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --compare-options
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --second-worker
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100 --layers-only
+    .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100000 --by-op
 
 With `train_impl: "whole"` a worker compiles two whole programs per new architecture
 (`programs.compile_programs`: a chunk of training steps and an evaluation batch). This benchmark
@@ -17,8 +18,9 @@ training step as a sequence of calls:
 
 - forward, in topological order: one program per convolution edge (`conv.conv2d`, the
   package's convolution) and one per merging or BN+ReLU vertex (`model.resolve_inputs`, then
-  `nn.BatchNorm` in train mode); the activations are kept as the backward pass's residuals;
-- the head (global pool, `nn.Dense`, softmax cross-entropy) forward and backward in one call;
+  BN in train mode: `nn.BatchNorm`'s arithmetic, written out); the activations are kept as the
+  backward pass's residuals;
+- the head (global pool, dense layer, softmax cross-entropy) forward and backward in one call;
 - backward, in reverse order: each operation's VJP recomputed from its kept inputs (XLA drops
   the forward work the VJP does not need: convolutions and merges are linear; BN recomputes its
   batch statistics), fused with the SGD-momentum update of that operation's own parameters
@@ -128,6 +130,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="layer-wise only, totals and signatures by operation (run it in two checkouts to "
         "compare them)",
+    )
+    p.add_argument(
+        "--by-op",
+        action="store_true",
+        help="every distinct layer signature compiled afresh, one by one: trace, lower and "
+        "compile milliseconds by operation (where compiling goes; nothing is trained)",
     )
     p.add_argument("--tiny", action="store_true", help="a few tiny architectures (the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -507,6 +515,86 @@ def print_layers_only(out: dict) -> None:
     )
 
 
+class SignatureRecorder:
+    """An `OpCache` stand-in that compiles nothing: it records each distinct signature (the
+    factory, its statics and the abstract arguments) and hands back only the output shapes."""
+
+    def __init__(self):
+        self.signatures: dict = {}
+
+    def get(self, factory, statics: tuple, args: list):
+        import types
+
+        import jax
+
+        sig = (factory.__name__, statics, tuple((tuple(a.shape), str(a.dtype)) for a in args))
+        self.signatures.setdefault(sig, (factory, statics, list(args)))
+        return types.SimpleNamespace(out_info=jax.eval_shape(factory(*statics), *args))
+
+
+def by_op(args) -> dict:
+    """Every distinct layer signature of the architectures, compiled afresh one by one (JAX's
+    persistent cache off): trace, lower (JAX) and compile (XLA) seconds by operation."""
+    import jax
+
+    from evojax_nas import dna as D
+    from evojax_nas import layerwise
+
+    dnas, source, _ = _sequence(args)
+    b = Bench(args.dataset, args.steps, args.seed)
+    recorder = SignatureRecorder()
+    for dna in dnas:
+        layerwise.build(D.for_data(dna, 1, 10), b.layout, b.cfg, b.impl, recorder)
+    ops: dict = {}
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        for factory, statics, abstract in recorder.signatures.values():
+            t0 = time.perf_counter()
+            traced = jax.jit(factory(*statics), compiler_options=b.options).trace(*abstract)
+            t1 = time.perf_counter()
+            lowered = traced.lower()
+            t2 = time.perf_counter()
+            lowered.compile()
+            t3 = time.perf_counter()
+            row = ops.setdefault(factory.__name__, dict(count=0, trace=0.0, lower=0.0, compile=0.0))
+            row["count"] += 1
+            row["trace"] += t1 - t0
+            row["lower"] += t2 - t1
+            row["compile"] += t3 - t2
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+    total = sum(r["trace"] + r["lower"] + r["compile"] for r in ops.values())
+    return {
+        "source": source,
+        "architectures": len(dnas),
+        "signatures": len(recorder.signatures),
+        "seconds": total,
+        "by_op": ops,
+        "agree": True,  # nothing to compare within one checkout
+        "load_average": os.getloadavg(),
+        "jax": jax.__version__,
+    }
+
+
+def print_by_op(out: dict) -> None:
+    print(
+        f"{out['architectures']} architectures ({out['source']}): {out['signatures']} layer "
+        f"signatures compiled afresh in {out['seconds']:.2f} s"
+    )
+    rows = sorted(
+        out["by_op"].items(), key=lambda kv: -sum(v for k, v in kv[1].items() if k != "count")
+    )
+    for name, r in rows:
+        n, spent = r["count"], r["trace"] + r["lower"] + r["compile"]
+        print(
+            f"  {name:11s} {n:5d}  ms each: trace {1e3 * r['trace'] / n:5.1f}  lower "
+            f"{1e3 * r['lower'] / n:5.1f}  compile {1e3 * r['compile'] / n:6.1f}  "
+            f"share {100 * spent / out['seconds']:5.1f} %"
+        )
+    print("load average " + " ".join(f"{x:.2f}" for x in out["load_average"]))
+
+
 def second_worker(args) -> dict:
     """A first worker compiles the layer programs of the architectures into a run's store; a
     second (cold) worker loads them from there: seconds, counts and bytes of both."""
@@ -663,6 +751,7 @@ def main(argv=None) -> int:
         (args.compare_options, compare_options, print_options),
         (args.second_worker, second_worker, print_second_worker),
         (args.layers_only, layers_only, print_layers_only),
+        (args.by_op, by_op, print_by_op),
     ):
         if flag:
             out = measure(args)

@@ -84,3 +84,16 @@ def test_a_seen_architecture_compiles_no_new_signature_and_a_broken_update_is_ca
         assert not b.check(dna)["ok"]
     finally:
         layerwise._sgd = sgd
+
+
+def test_tiny_run_times_compiling_by_operation(capsys):
+    import json
+
+    assert _module().main(["--tiny", "--by-op", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ops = res["by_op"]
+    assert res["signatures"] == sum(r["count"] for r in ops.values()) > 0
+    assert {"conv_fwd", "conv_bwd", "vertex_fwd", "vertex_bwd", "head_train"} <= set(ops)
+    assert all(r["trace"] > 0 and r["lower"] > 0 and r["compile"] > 0 for r in ops.values())
+    total = sum(r["trace"] + r["lower"] + r["compile"] for r in ops.values())
+    assert abs(res["seconds"] - total) < 1e-6
