@@ -70,7 +70,7 @@ MAX_PROGRAM_BYTES = 512 * 2**20
 CLAIM_WAIT_SECONDS = 300.0  # how long to wait for a program another worker claimed to compile
 
 # The package modules compiled programs are traced from: this one and what it imports,
-# transitively (tests/test_programs.py checks the list against the import graph).
+# transitively (tests/test_import_graph.py checks the list against the import graph).
 CODE_MODULES = (
     "architecture", "augment", "conv", "dna", "errors", "layerwise", "model", "programs", "steps"
 )  # fmt: skip

@@ -67,8 +67,8 @@ def replay(
 
     Returns:
         A dict with `dna_matches`, `val_accuracy` and `stored_val_accuracy`,
-        `accuracy_matches`, `weights_match` (None when the stored weights were collected) and
-        `matches` (all of them).
+        `accuracy_matches`, `weights_match` (None when the stored weights were collected),
+        `matches` (all of them) and `trained_by` (the record's `code`: None in older runs).
     """
     record = store.read_record(ind_id)
     dna, params = rebuild(store, record, input_channels, num_classes)
@@ -86,6 +86,7 @@ def replay(
         "stored_val_accuracy": record.get("val_accuracy"),
         "accuracy_matches": result.val_accuracy == record.get("val_accuracy"),
         "weights_match": weights,
+        "trained_by": record.get("code"),  # `programs.code_version()` of its worker, if named
     }
     out["matches"] = bool(out["dna_matches"] and out["accuracy_matches"] and weights is not False)
     return out
@@ -133,16 +134,15 @@ def verdict(
         if not ok
     ]
     if differs:
-        detail = "different " + ", ".join(differs) + _other_code(store, ind_id)
+        detail = "different " + ", ".join(differs) + _other_code(out["trained_by"])
         return out | {"verdict": MISMATCH, "detail": detail}
     detail = "bit for bit" if out["weights_match"] else "DNA and accuracy (own weights collected)"
     return out | {"verdict": REPRODUCED, "detail": detail}
 
 
-def _other_code(store: Store, ind_id: str) -> str:
+def _other_code(trained_by) -> str:
     """Why a mismatch may be expected: the individual was trained by other code than this
     checkout's (numbers agree only within one package code, JAX and jaxlib version)."""
-    trained_by = store.read_record(ind_id).get("code")
     here = code_version()
     if not isinstance(trained_by, dict):
         return " (its record does not name the code that trained it: replay with that checkout)"
