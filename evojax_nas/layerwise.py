@@ -164,17 +164,15 @@ def _batch_stats(h):
     return mean, jnp.maximum(0.0, jnp.mean(h * h, (0, 1, 2)) - mean * mean)
 
 
-def _bn_relu(h, scale, bias, mean, var, train: bool | jax.Array):
-    """BN+ReLU and the new running averages, as `nn.BatchNorm` then `nn.relu` compute them.
-    `train=True`: train mode (batch statistics); a traced boolean: the mode chosen at run time
-    (false: eval mode, on the running averages; the new averages are returned anyway and
-    evaluation ignores them). Written out rather than through `nn.BatchNorm`, which in a
+def _bn_relu(h, scale, bias, mean, var, train: jax.Array):
+    """BN+ReLU and the new running averages, as `nn.BatchNorm` then `nn.relu` compute them, in
+    the mode `train` (a traced boolean) chooses at run time: true, train mode (batch
+    statistics); false, eval mode (the running averages; the new averages are returned anyway
+    and evaluation ignores them). Written out rather than through `nn.BatchNorm`, which in a
     runtime mode normalises twice and selects: the statistics are selected before the one
     normalisation, and the program compiles faster (README, "Layer-wise training")."""
     batch_mean, batch_var = _batch_stats(h)
-    m, v = batch_mean, batch_var
-    if train is not True:
-        m, v = jnp.where(train, batch_mean, mean), jnp.where(train, batch_var, var)
+    m, v = jnp.where(train, batch_mean, mean), jnp.where(train, batch_var, var)
     y = (h - m) * (jax.lax.rsqrt(v + BN_EPSILON) * scale) + bias
     new_mean = BN_MOMENTUM * mean + (1 - BN_MOMENTUM) * batch_mean
     new_var = BN_MOMENTUM * var + (1 - BN_MOMENTUM) * batch_var

@@ -514,8 +514,10 @@ class SharedLayers:
 
         self.store = store
         self.target = target
-        env = [FORMAT, target.platform, target.device_kind, jax.__version__, jaxlib_version]
-        env.append(code_digest())
+        env = [
+            FORMAT, target.platform, target.device_kind, jax.__version__, jaxlib_version,
+            code_digest(),
+        ]  # fmt: skip
         digest = hashlib.sha256(json.dumps(env).encode()).hexdigest()[:16]
         self.folder = f"programs/layers-{digest}"
         self.unusable: set[str] = set()  # names that failed to load here: compiled instead
