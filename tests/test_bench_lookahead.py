@@ -1,5 +1,7 @@
 """scripts/bench_lookahead.py: a worker's replay with and without building the next net on a
-thread (in-process, tiny), and how rounds are summarised."""
+thread (in-process, tiny), how rounds are summarised, and the script's two modes as processes."""
+
+import json
 
 try:
     from tests.conftest import load_script
@@ -48,3 +50,15 @@ def test_summary_takes_the_slowest_worker_and_the_median_round():
     assert out["on"]["children_per_minute"] == 40.0
     assert out["ratio_on_over_off"] == 40.0 / 25.0
     assert abs(out["on"]["non_training_share"] - (1 - 56 / 60)) < 1e-12
+
+
+def test_main_runs_the_workers_as_processes_and_compares_the_modes(capsys):
+    m = load_script("bench_lookahead.py")
+    assert m.main(["--tiny", "--json", "--workers", "1", "--rounds", "1", "--limit", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["same_answers"] and out["workers"] == 1 and out["steps"] == 4
+    for mode in ("off", "on"):
+        assert out[mode]["children_per_minute"] > 0 and len(out[mode]["rounds"]) == 1
+        assert 0 < out[mode]["non_training_share"] < 1
+    ratio = out["on"]["children_per_minute"] / out["off"]["children_per_minute"]
+    assert abs(out["ratio_on_over_off"] - ratio) < 1e-12
