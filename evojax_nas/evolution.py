@@ -825,8 +825,8 @@ def background_compile(cfg: EvolutionConfig, platform: str | None = None) -> boo
     trains), off on a CPU, where training already uses every core: measured with one worker on
     2 cores (`scripts/bench_child.py --lookahead both`), compiling in the background slowed
     training more than it hid compiles; with the default job's two layer-wise workers
-    (`scripts/bench_lookahead.py`) it cut their time not training from 19 % to 7 % and their
-    children per minute by 4 %: training absorbs the compile (README, "Compiling").
+    (`scripts/bench_lookahead.py`) it cut their time not training from 19-29 % to 7-9 % and their
+    children per minute by 4-7 %: training absorbs the compile (README, "Compiling").
     """
     if cfg.background_compile is not None:
         return cfg.background_compile
