@@ -97,23 +97,18 @@ def replay(dnas: list, dataset: str, steps: int, lookahead: bool, seed: int = 0)
     out = {"wait": 0.0, "train": 0.0, "eval": 0.0, "correct": []}
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lookahead")
     t0 = time.perf_counter()
-    future = pool.submit(b.net, dnas[0]) if lookahead else None
+    current = pool.submit(b.net, dnas[0]) if lookahead else None
     for i, dna in enumerate(dnas):
         variables = init_variables(dna, jax.random.fold_in(b.key, i))
-        t1 = time.perf_counter()
-        net = future.result() if lookahead else b.net(dna)
-        t2 = time.perf_counter()
-        if lookahead and i + 1 < len(dnas):
-            future = pool.submit(b.net, dnas[i + 1])
-        state = b._train(net, variables, steps)
-        t3 = time.perf_counter()
-        out["correct"].append(
-            sum(int(net.eval_batch(state.params, state.batch_stats, *v)) for v in b.val)
-        )
-        t4 = time.perf_counter()
-        out["wait"] += t2 - t1
-        out["train"] += t3 - t2
-        out["eval"] += t4 - t3
+        following = None
+        if lookahead and i + 1 < len(dnas):  # queued: built once this child's net is ready
+            following = pool.submit(b.net, dnas[i + 1])
+        row = b._run(variables, current.result if lookahead else lambda dna=dna: b.net(dna))
+        current = following
+        out["wait"] += row["compile"]
+        out["train"] += row["train"]
+        out["eval"] += row["eval"]
+        out["correct"].append(row["correct"])
     pool.shutdown()
     out["wall"] = time.perf_counter() - t0
     out.update(children=len(dnas), signatures=len(b.cache), compile=b.cache.seconds)
