@@ -64,22 +64,32 @@ def host_cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str]:
-    """XLA options for training programs on `backend` (pass to `jax.jit` or `.compile()`).
+# XLA:CPU's option that names the operations it hands to its YNNPACK library fusions.
+YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
+# YNNPACK dots and reductions, XLA's Eigen convolutions (its YNNPACK convolution fusion off).
+DOTS_AND_REDUCTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
-    On a CPU without AVX-512: XLA's Eigen convolutions instead of its YNNPACK convolution
-    fusion, which there is ~10x slower on a backward pass's large-window convolutions (either
-    implementation's) and less accurate (measured on AMD Zen 3: 8-conv net 1.92 -> 0.66 s/step,
-    kernel-gradient error vs float64 1.5e-2 -> 3.4e-4), while YNNPACK keeps the dots. With
-    AVX-512 (measured on an AMD EPYC with AVX-512) XLA's defaults are the better choice both
-    ways: YNNPACK was as fast or faster (4-conv net 58 vs 70 ms/step, 8-conv 0.53 vs 0.52 s)
-    and accurate (2e-6 vs 1.2e-2 on the 8-conv net's kernel gradients at batch 8).
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options for whole training programs on `backend` (pass to `jax.jit` or `.compile()`).
+
+    On a CPU: convolutions on XLA's Eigen path, dots and reductions in YNNPACK
+    (`DOTS_AND_REDUCTIONS`). XLA's default sends convolutions to YNNPACK too, which is slower on
+    a training step's backward convolutions: ~10x on a kernel gradient's large-window
+    convolution on AMD Zen 3 (8-conv net 1.92 -> 0.66 s/step with Eigen convolutions), and on
+    an AMD EPYC with AVX-512 the 4-conv net's step is 46.2 -> 26.5 ms and the 8-conv net's
+    0.292 -> 0.215 s (`python scripts/bench_train_step.py`; README, "Speed"). The reductions
+    must stay in YNNPACK: XLA's own reduction emitter sums BN's batch statistics less exactly,
+    and with Eigen convolutions alone the 8-conv net's kernel gradients were off by 1.2e-2
+    against float64 (batch 8), against 1.6e-6 with the reductions in YNNPACK and 2.2e-6 with
+    XLA's defaults (tests/test_conv.py prints them). Only the AVX-512 host measured the
+    reductions' speed. Layer-wise training keeps its own options (`layerwise.compiler_options`).
     Per program, unlike XLA_FLAGS, which binds the whole process and only when set before the
     backend starts.
     """
-    if (backend or jax.default_backend()) != "cpu" or "avx512f" in host_cpu_flags():
+    if (backend or jax.default_backend()) != "cpu":
         return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return {YNN_FUSION_TYPE: DOTS_AND_REDUCTIONS}
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:

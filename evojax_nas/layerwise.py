@@ -46,7 +46,7 @@ import optax
 from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
 from evojax_nas.augment import preprocess
 from evojax_nas.conv import compiler_options as conv_compiler_options
-from evojax_nas.conv import conv2d, xla_conv2d
+from evojax_nas.conv import conv2d, host_cpu_flags, xla_conv2d
 from evojax_nas.model import BN_EPSILON, BN_MOMENTUM, resolve_inputs
 from evojax_nas.steps import TrainState
 
@@ -58,19 +58,34 @@ BN_LEAVES = (
 )
 
 
-# XLA:CPU's options for layer programs on top of `conv.compiler_options`. Its legacy fusion
-# emitters instead of the MLIR ones: on a 10-minute default job's layer programs compiling
-# was 1.45-1.55x and training 1.16x faster, results equal to float rounding, measured with
-# `python scripts/bench_layerwise.py --run RUN --compare-options` (README, "Layer-wise
-# training"). Whole programs gain nothing from it (bench_train_step: conv4/conv8 +-4 %).
+# XLA:CPU's options for layer programs. Its legacy fusion emitters instead of the MLIR ones: on
+# a 10-minute default job's layer programs compiling was 1.45-1.55x and training 1.16x faster,
+# results equal to float rounding, measured with `python scripts/bench_layerwise.py --run RUN
+# --compare-options` (README, "Layer-wise training"). Whole programs gain nothing from it
+# (bench_train_step: conv4/conv8 +-4 %).
 CPU_LAYER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 
 
 def compiler_options(platform: str | None = None) -> dict[str, Any]:
-    """The XLA options layer programs compile with on `platform` (default: JAX's backend)."""
+    """The XLA options layer programs compile with on `platform` (default: JAX's backend).
+
+    On a CPU with AVX-512, XLA's default YNNPACK convolutions: with the whole programs' Eigen
+    convolutions (`conv.compiler_options`) a default job's small nets trained layer-wise ~5 %
+    slower there (`bench_layerwise.py --run RUN --start 300 --limit 100 --layers-only`, 100
+    architectures: 51.1 / 51.4 s against 53.1 / 55.5 s). Elsewhere the whole programs' options
+    (YNNPACK's convolutions measured ~10x slower on kernel gradients on AMD Zen 3).
+    """
     platform = platform or jax.default_backend()
-    extra = CPU_LAYER_OPTIONS if platform == "cpu" else {}
-    return {**conv_compiler_options(platform), **extra}
+    if platform != "cpu":
+        return conv_compiler_options(platform)
+    convs = {} if "avx512f" in host_cpu_flags() else conv_compiler_options(platform)
+    return {**convs, **CPU_LAYER_OPTIONS}
+
+
+def options_before_legacy_emitters(platform: str | None = None) -> dict[str, Any]:
+    """`compiler_options` without `CPU_LAYER_OPTIONS`: what layer programs compiled with before
+    XLA:CPU's legacy fusion emitters (`bench_layerwise.py --compare-options` measures both)."""
+    return {k: v for k, v in compiler_options(platform).items() if k not in CPU_LAYER_OPTIONS}
 
 
 class OpCache:

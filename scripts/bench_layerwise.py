@@ -70,12 +70,12 @@ on the 2-core development machine under `nice -n 10` while the lead's campaign r
   overhead; the rest is no fusion across layers and BN's statistics computed again backward.
 
 `--compare-options` times, instead, the layer programs under their XLA options
-(`layerwise.compiler_options`) against the options before them (`conv.compiler_options` alone,
-with XLA:CPU's MLIR fusion emitters), architecture by architecture in alternating order, each
-with its own cold signature cache, and prints the ratios (before ÷ now) of compile and training
-seconds. Their numbers differ only by float rounding: the counts of correct validation answers
-(random labels) may differ by at most 0.1 % of the answers, or the script fails. Measured
-figures: README, "Layer-wise training".
+(`layerwise.compiler_options`) against the options before them (the same with XLA:CPU's MLIR
+fusion emitters: `layerwise.options_before_legacy_emitters`), architecture by architecture in
+alternating order, each with its own cold signature cache, and prints the ratios (before ÷ now)
+of compile and training seconds. Their numbers differ only by float rounding: the counts of
+correct validation answers (random labels) may differ by at most 0.1 % of the answers, or the
+script fails. Measured figures: README, "Layer-wise training".
 
 `--second-worker` measures what sharing layer programs through the run's store
 (`programs.SharedLayers`) saves a run's other workers: a first worker compiles the
@@ -429,13 +429,13 @@ def bench(args) -> dict:
 
 
 def compare_options(args) -> dict:
-    """Layer programs under `layerwise.compiler_options` ("now") against `conv.compiler_options`
-    alone ("before"): compile and training seconds over the same architectures."""
+    """Layer programs under `layerwise.compiler_options` ("now") against the same without XLA:CPU's
+    legacy fusion emitters ("before"): compile and training seconds over the same architectures."""
     import jax
 
     from evojax_nas import dna as D
-    from evojax_nas.conv import compiler_options as before_options
     from evojax_nas.layerwise import OpCache
+    from evojax_nas.layerwise import options_before_legacy_emitters as before_options
     from evojax_nas.model import init_variables
 
     dnas, source, _ = _sequence(args)

@@ -185,14 +185,13 @@ def test_layer_programs_compile_with_their_options_and_train_as_before(data):
     """A worker's layer programs compile with `layerwise.compiler_options` (on a CPU: XLA's
     legacy fusion emitters, which compile and run faster there), and train as programs
     compiled with the options before them do."""
-    from evojax_nas import conv
 
     cache = ProgramCache()
     assert cache.layers.options == layerwise.compiler_options("cpu")
     assert cache.layers.options["xla_cpu_use_fusion_emitters"] is False
     assert "xla_cpu_use_fusion_emitters" not in layerwise.compiler_options("tpu")
     before = ProgramCache()
-    before.layers = layerwise.OpCache(conv.compiler_options("cpu"))
+    before.layers = layerwise.OpCache(layerwise.options_before_legacy_emitters("cpu"))
     dna = merged_dna()
     variables = M.init_variables(dna, KEY)
     states = [
