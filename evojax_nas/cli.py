@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from evojax_nas import devices
 from evojax_nas.config import xla_cache_max_bytes
 from evojax_nas.errors import EvojaxNasError
 
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "jax" not in sys.modules:  # JAX reads JAX_PLATFORMS when imported; workers inherit it
+        os.environ.update(devices.cpu_only_environment())
     parser = build_parser()
     if not argv:
         argv = ["evolve"]  # the default job

@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 TPU_PORT_BASE = 8476  # libtpu's default port; worker i gets TPU_PORT_BASE + i
@@ -94,6 +94,39 @@ def discover(
             if ids:
                 return Chips("gpu", ids, source)
     return Chips("cpu", (), "")
+
+
+def cpu_only_environment(
+    environ: Mapping[str, str] | None = None,
+    dev: str = "/dev",
+    proc: str = "/proc",
+    installed: Callable[[str], bool] | None = None,
+) -> dict[str, str]:
+    """``{"JAX_PLATFORMS": "cpu"}`` where JAX would try a TPU this host does not have, else {}.
+
+    With libtpu installed (the `tpu` extra, to compile for TPU here) JAX initialises the TPU
+    runtime in every process, which on a host without TPU chips prints libtpu's warnings
+    ("could not determine TPU accelerator type", "unexpected worker hostname") and then falls
+    back to the CPU. Naming the CPU platform skips that. Compiling for a TPU without one
+    (`programs.Target.tpu`) still works: it describes a topology, not a backend. Nothing is
+    set where the user chose `JAX_PLATFORMS`, where there are chips (`discover`), or where a
+    GPU plugin for JAX is installed (the count of GPUs may have missed one).
+
+    Args:
+        environ: The environment (default: this process's).
+        dev, proc: As for `discover`.
+        installed: Whether a top-level module is installed (default: `importlib.util.find_spec`).
+    """
+    env = os.environ if environ is None else environ
+    if installed is None:
+        import importlib.util
+
+        installed = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    if env.get("JAX_PLATFORMS") or not installed("libtpu"):
+        return {}
+    if discover(env, dev, proc).platform != "cpu" or installed("jax_plugins"):
+        return {}
+    return {"JAX_PLATFORMS": "cpu"}
 
 
 def _count_nvidia(proc: str) -> tuple[int, str]:

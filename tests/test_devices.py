@@ -76,6 +76,26 @@ def test_chips_are_counted_from_device_files_without_opening_them(
     assert (chips.platform, chips.ids) == (platform, ids)
 
 
+@pytest.mark.parametrize(
+    ("paths", "environ", "modules", "expected"),
+    [
+        ([], {}, {"libtpu"}, {"JAX_PLATFORMS": "cpu"}),  # the tpu extra on a CPU-only host
+        ([], {}, set(), {}),  # no libtpu: JAX tries no TPU
+        ([], {"JAX_PLATFORMS": "tpu"}, {"libtpu"}, {}),  # the user's choice stands
+        (["dev/accel0"], {}, {"libtpu"}, {}),  # a TPU host
+        ([NV + "0000:01:00.0/"], {}, {"libtpu"}, {}),  # a GPU host
+        ([], {}, {"libtpu", "jax_plugins"}, {}),  # a GPU plugin: there may be a GPU
+    ],
+)  # fmt: skip
+def test_cpu_only_environment_where_jax_would_try_a_missing_tpu(
+    tmp_path, monkeypatch, paths, environ, modules, expected
+):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # no nvidia-smi
+    dev, proc = fake_root(tmp_path, *paths)
+    got = devices.cpu_only_environment(environ, dev, proc, installed=modules.__contains__)
+    assert got == expected
+
+
 def test_gpus_are_counted_by_nvidia_smi_when_proc_has_none(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
