@@ -43,6 +43,12 @@ class Progress:
             self.by_worker[worker] -= 1
             self.children -= 1
 
+    def count_unreported(self, worker: int, count: int) -> None:
+        """Counts `count` children of `worker` that are in the store but were never reported
+        (the worker was killed before its report left the process)."""
+        self.by_worker[worker] = self.by_worker.get(worker, 0) + count
+        self.children += count
+
     def update(self, event: dict) -> None:
         action = event.get("action")
         if action == "error":

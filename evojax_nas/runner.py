@@ -387,7 +387,7 @@ def _supervise(store, ctx, slots, events, progress, deadline, verbose) -> None:
             if code is None or code in (0, 2) or slot.finished:  # running, done, user error
                 continue
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            _uncount_unpublished(store, progress, slot.worker_id)
+            _recount_from_store(store, progress, slot.worker_id)
             left = (
                 None
                 if slot.share is None
@@ -426,20 +426,45 @@ def _supervise(store, ctx, slots, events, progress, deadline, verbose) -> None:
             return
 
 
-def _uncount_unpublished(store: Store, progress: Progress, worker_id: int) -> None:
-    """A worker that died may have reported a child it was still publishing in the background
-    (`Worker.background_publish`: at most its last one). If the store lacks it, it is not
-    counted: a restarted worker trains it again."""
-    last = progress.last_by_worker.get(worker_id)
-    if last is None:
-        return
+def _recount_from_store(store: Store, progress: Progress, worker_id: int) -> None:
+    """Counts a worker that died by what it left in the store, not by what it reported.
+
+    It may have reported a child it was still publishing in the background
+    (`Worker.background_publish`: at most its last one); if the store lacks it, it does not
+    count, and a restarted worker trains it again. It may also have published a child whose
+    report died with it (killed before the queue's feeder thread flushed it); that one counts,
+    so the restarted worker's share is not one child too large.
+    """
     try:
-        store.read_record(last)
-    except NotFoundError:
+        ids = {r["id"] for r in trained(store.records()) if worker_of(r["id"]) == worker_id}
+    except Exception as exc:  # cannot tell (e.g. the store is down): keep the reported counts
+        log.warning("could not count worker %s's children in the store: %s", worker_id, exc)
+        return
+    last = progress.last_by_worker.get(worker_id)
+    if last is not None and last not in ids:
         progress.forget(worker_id, last)
         progress.say(f"worker {worker_id} died before {last} was in the store: it does not count")
-    except Exception as exc:  # cannot tell (e.g. the store is down): count it, as before
-        log.warning("could not check whether %s was published: %s", last, exc)
+    unreported = len(ids) - progress.by_worker.get(worker_id, 0)
+    if unreported > 0:
+        progress.count_unreported(worker_id, unreported)
+        progress.say(
+            f"worker {worker_id} died after publishing {unreported} more "
+            f"{'child' if unreported == 1 else 'children'} than it reported: counted"
+        )
+
+
+def worker_of(ind_id: str) -> int | None:
+    """The ID of the worker that trained individual `ind_id` (`evolution.child_id`,
+    ``w<worker>-e<event>``; initial individuals ``init-<worker>-<event>``), or None."""
+    parts = ind_id.split("-")
+    try:
+        if len(parts) == 2 and parts[0].startswith("w") and parts[1].startswith("e"):
+            return int(parts[0][1:])
+        if len(parts) == 3 and parts[0] == "init":
+            return int(parts[1])
+    except ValueError:
+        pass
+    return None
 
 
 def _stop(slots: list[_Slot], events: Any, progress: Progress, grace: float = STOP_GRACE) -> None:

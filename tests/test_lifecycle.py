@@ -204,9 +204,10 @@ class _Spawner:
         return Started()
 
 
-def _supervised(tmp_path, published: bool):
-    """`_supervise` over one SIGKILLed worker (ID 0, share 2) that reported two children, the
-    second of which reached the store only if `published` (background publishing)."""
+def _supervised(tmp_path, published: bool, reported: int = 2):
+    """`_supervise` over one SIGKILLed worker (ID 0, share 2) that reported its first
+    `reported` of two children, the second of which reached the store only if `published`
+    (background publishing)."""
     import multiprocessing as mp
 
     from evojax_nas.dna import initial_dna, to_dict
@@ -220,7 +221,7 @@ def _supervised(tmp_path, published: bool):
     lines = []
     progress = Progress(budget=4, out=None)
     progress.say = lines.append
-    for ind_id in ids:
+    for ind_id in ids[:reported]:
         progress.update({"action": "initial", "worker": 0, "id": ind_id})
     slot, spawner = _Slot(_DeadProcess(), 0, 2), _Spawner()
     _supervise(store, spawner, [slot], mp.get_context("spawn").Queue(), progress, None, False)
@@ -232,6 +233,23 @@ def test_a_worker_that_died_after_its_share_is_not_redone(tmp_path):
     assert started == [] and slot.finished
     assert progress.children == 2
     assert "worker 0 died (signal 9) after its last child was in the store" in said
+
+
+def test_a_child_published_but_never_reported_counts_against_the_share(tmp_path):
+    """Killed before multiprocessing's feeder thread sent its last report: the store counts."""
+    slot, started, progress, said = _supervised(tmp_path, published=True, reported=1)
+    assert "worker 0 died after publishing 1 more child than it reported: counted" in said
+    assert progress.children == 2 and progress.by_worker[0] == 2
+    assert started == [] and slot.finished  # its share of 2 is done: no third child
+
+
+def test_children_are_attributed_to_the_worker_their_id_names():
+    from evojax_nas.evolution import child_id
+    from evojax_nas.runner import worker_of
+
+    assert worker_of(child_id(7, 12)) == 7 and worker_of(child_id(123, 0)) == 123
+    assert worker_of("init-004-000002") == 4
+    assert worker_of("w0x-e000001") is None and worker_of("ancestor") is None
 
 
 def test_a_child_still_being_published_when_its_worker_died_is_trained_again(tmp_path):
