@@ -77,13 +77,14 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     (`DOTS_AND_REDUCTIONS`). XLA's default sends convolutions to YNNPACK too, which is slower on
     a training step's backward convolutions: ~10x on a kernel gradient's large-window
     convolution on AMD Zen 3 (8-conv net 1.92 -> 0.66 s/step with Eigen convolutions), and on
-    an AMD EPYC with AVX-512 the 4-conv net's step is 46.2 -> 26.5 ms and the 8-conv net's
-    0.292 -> 0.215 s (`python scripts/bench_train_step.py`; README, "Speed"). The reductions
-    must stay in YNNPACK: XLA's own reduction emitter sums BN's batch statistics less exactly,
-    and with Eigen convolutions alone the 8-conv net's kernel gradients were off by 1.2e-2
-    against float64 (batch 8), against 1.6e-6 with the reductions in YNNPACK and 2.2e-6 with
-    XLA's defaults (tests/test_conv.py prints them). Only the AVX-512 host measured the
-    reductions' speed. Layer-wise training keeps its own options (`layerwise.compiler_options`).
+    an AMD EPYC with AVX-512 the 4-conv net's step is 45.1 -> 26.3 ms and the 8-conv net's
+    0.288 -> 0.209 s (`bench_train_step.py --impls custom-default custom`; README, "Speed").
+    The reductions must stay in YNNPACK: XLA's own reduction emitter sums BN's batch
+    statistics less exactly, and with Eigen convolutions alone the 8-conv net's kernel
+    gradients were off by 1.2e-2 against float64 (batch 8), against 1.6e-6 with the
+    reductions in YNNPACK and 2.2e-6 with XLA's defaults (tests/test_conv.py prints them).
+    Only the AVX-512 host measured the reductions' speed. Layer-wise training keeps its own
+    options (`layerwise.compiler_options`).
     Per program, unlike XLA_FLAGS, which binds the whole process and only when set before the
     backend starts.
     """
