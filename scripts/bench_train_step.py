@@ -10,7 +10,8 @@ CIFAR augmentation inside the step); each `--impls` entry is a `TrainConfig.conv
 ("xla-default": XLA's own convolution with XLA's default options, i.e. before conv.py).
 The baseline is PyTorch eager, channels_last, built from the same DNA (random flip only: its
 augmentation costs are negligible next to the convolutions); it is skipped when torch is not
-importable (it is not a dependency: `pip install torch==2.13.0` into the venv to compare).
+importable (it is not a dependency: `pip install torch==2.13.0 --index-url
+https://download.pytorch.org/whl/cpu` into the venv to compare).
 Variants are timed in turn within each repeat, so that the ratios see the same machine load.
 """
 
