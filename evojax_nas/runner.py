@@ -212,7 +212,7 @@ def worker_main(
         if deadline is not None and time.time() >= deadline:
             stop.request("deadline")
         if run_max_children is not None and worker.event % 5 == 0:
-            if len(trained(store.records())) >= run_max_children:
+            if len(store.individual_ids()) >= run_max_children:  # listings only, no records
                 stop.request("budget")
         if stop.requested:
             extra[0] += 1
@@ -436,7 +436,7 @@ def _recount_from_store(store: Store, progress: Progress, worker_id: int) -> Non
     so the restarted worker's share is not one child too large.
     """
     try:
-        ids = {r["id"] for r in trained(store.records()) if worker_of(r["id"]) == worker_id}
+        ids = {i for i in store.individual_ids() if worker_of(i) == worker_id}
     except Exception as exc:  # cannot tell (e.g. the store is down): keep the reported counts
         log.warning("could not count worker %s's children in the store: %s", worker_id, exc)
         return

@@ -197,6 +197,17 @@ def test_a_second_evolve_or_a_worker_on_a_finished_run_does_nothing(tmp_path, ca
     assert len(open_store(path).records()) == 4
 
 
+def test_a_joined_worker_stops_once_the_whole_run_has_its_children(tmp_path, synthetic_run):
+    """`run_max_children` (what `evojax-nas worker` passes): the run's children, other workers'
+    included, are counted from the store's listings every 5 events."""
+    from evojax_nas.runner import worker_main
+
+    store = synthetic_run(tmp_path / "r", max_children=None)  # 5 individuals already
+    trained = worker_main(store.url, 7, 30, None, run_max_children=8)
+    assert 3 <= trained < 30  # stopped by the run's budget, not by its own share of 30
+    assert 8 <= len(store.individual_ids()) < 5 + 30
+
+
 # -- status ---------------------------------------------------------------------------------------
 
 

@@ -145,6 +145,24 @@ def test_kill(store):
     assert [m.id for m in store.population()] == ["k0"]
 
 
+def test_individual_ids_list_every_published_individual_without_reading_records(store):
+    """Alive, killed and garbage-collected alike, as `records` has them; the listings cost a
+    few requests however many individuals there are (records: at least one each)."""
+    for i in range(6):
+        _publish(store, f"n{i}", params=_params(i) if i < 2 else None)
+    store.kill("n0")
+    store.kill("n3")
+    store.gc(grace_seconds=0.0)
+    assert store.individual_ids() == [f"n{i}" for i in range(6)]
+    assert store.individual_ids() == [r["id"] for r in store.records()]
+    before = store.requests
+    store.individual_ids()
+    listing = store.requests - before
+    before = store.requests
+    store.records()
+    assert listing < 6 <= store.requests - before
+
+
 def test_gc_removes_dead_checkpoints_after_grace_and_keeps_records(store):
     """3 individuals, 2 killed; gc before and after a 1 s grace period, then again."""
     for i in range(3):

@@ -34,6 +34,9 @@ class GCSRecordsMixin:
                 log.warning("skipping malformed kill marker %s", blob.name)
         return dead
 
+    def individual_ids(self) -> list[str]:
+        return sorted(set(self._alive_ids()) | set(self._dead()))
+
     def records(self) -> list[dict]:
         """Returns the record of every individual ever published, with "id" and "alive"."""
         alive, dead = self._alive_ids(), self._dead()

@@ -143,6 +143,9 @@ class RetryingStore(Store):
     def records(self):
         return self._call("records")
 
+    def individual_ids(self):
+        return self._call("individual_ids")
+
     def heartbeat(self, worker_id, info):
         return self._call("heartbeat", worker_id, info)
 

@@ -109,6 +109,12 @@ class Store(abc.ABC):
         """Returns the record of every individual ever published, with "id" and "alive"."""
 
     @abc.abstractmethod
+    def individual_ids(self) -> list[str]:
+        """The IDs of every individual ever published, alive or killed, sorted: from listings
+        only, without reading a record (one request per individual on GCS), so that counting a
+        run's children stays cheap however long the run."""
+
+    @abc.abstractmethod
     def heartbeat(self, worker_id: int, info: dict) -> None:
         """Overwrites worker `worker_id`'s in-flight marker with `info`."""
 

@@ -249,6 +249,9 @@ class LocalStore(Store):
                 states[ind_id] = (state, name)
         return states
 
+    def individual_ids(self) -> list[str]:
+        return sorted(self._states())
+
     def records(self) -> list[dict]:
         out = []
         for ind_id, (state, name) in sorted(self._states().items()):
