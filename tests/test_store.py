@@ -27,8 +27,10 @@ from evojax_nas.errors import (
 from evojax_nas.store import GCSStore, LocalStore, Member, Store, _checkpoint, open_store
 
 try:
+    from tests.conftest import load_script
     from tests.gcs_emulator import BUCKET, gcs_emulator  # noqa: F401
 except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
+    from conftest import load_script
     from gcs_emulator import BUCKET, gcs_emulator  # noqa: F401
 
 DNA = {"vertices": [{"id": 0, "type": "linear"}], "edges": [], "learning_rate": 0.1}
@@ -321,6 +323,19 @@ def test_corrupt_checkpoint_gives_checkpoint_error(store, damage):
     np.testing.assert_array_equal(
         store.read_params("fine")["out"]["kernel"], _params(2)["out"]["kernel"]
     )
+
+
+def test_gcs_records_read_concurrently_equal_records_read_one_by_one(gcs_emulator):
+    """`records()` reads 8 at a time (scripts/bench_store_records.py, tiny): the same records,
+    and simulated round trips of 5 ms overlap instead of adding up."""
+    script = load_script("bench_store_records.py")
+    store = open_store(f"gs://{BUCKET}/{uuid.uuid4().hex}")
+    script.fill(store, 23)
+    res = script.bench(store, repeats=2, latency_ms=5.0)
+    assert res["same_records"] and res["records"] == 23 and res["readers"] == 8
+    assert [r["alive"] for r in store.records()].count(False) == 3  # r0, r10, r20 killed
+    assert min(res["seconds"]["1"]) >= 23 * 0.005  # one by one: every wait adds up
+    assert res["ratio_one_over_many"] > 1
 
 
 def test_gcs_checkpoint_with_traversal_name_is_refused(gcs_emulator):

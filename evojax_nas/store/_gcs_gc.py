@@ -7,6 +7,7 @@ periodic maintenance, not for the per-step path of the worker loop.
 import datetime
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from evojax_nas.errors import ConcurrencyError, CorruptObjectError, StoreError
 from evojax_nas.store import _validate
@@ -19,6 +20,10 @@ _DEAD_FIELDS = "items(name,metadata,generation,timeCreated),nextPageToken"
 
 class GCSRecordsMixin:
     """`records()` and `gc()` for GCSStore (uses its private primitives)."""
+
+    # concurrent reads in `records()` (1: one after another); fewer than the HTTP connection
+    # pool of the client (requests: 10), which otherwise logs a warning per extra connection
+    record_readers = 8
 
     def _alive_ids(self) -> dict[str, str]:
         # One population listing; it also records each live ID's marker name.
@@ -38,17 +43,28 @@ class GCSRecordsMixin:
         return sorted(set(self._alive_ids()) | set(self._dead()))
 
     def records(self) -> list[dict]:
-        """Returns the record of every individual ever published, with "id" and "alive"."""
+        """Returns the record of every individual ever published, with "id" and "alive".
+
+        One read per individual, `record_readers` at a time: each waits on a round trip, so on
+        a long run (`status`, `report`, a worker joining) reading them one after another takes
+        minutes. `python scripts/bench_store_records.py` measures the two ways.
+        """
         alive, dead = self._alive_ids(), self._dead()
-        out = []
-        for ind_id in sorted(set(alive) | set(dead)):
+
+        def read(ind_id: str) -> dict:
             try:
                 record = self.read_record(ind_id)
             except StoreError as e:
                 log.warning("record of %s unreadable: %s", ind_id, e)
                 record = {"error": str(e)}
-            out.append(record | {"id": ind_id, "alive": ind_id not in dead})
-        return out
+            return record | {"id": ind_id, "alive": ind_id not in dead}
+
+        ids = sorted(set(alive) | set(dead))
+        readers = min(self.record_readers, len(ids))
+        if readers <= 1:
+            return [read(i) for i in ids]
+        with ThreadPoolExecutor(readers, thread_name_prefix="records") as pool:
+            return list(pool.map(read, ids))
 
     def gc(self, grace_seconds: float) -> int:
         """Deletes checkpoints of individuals killed more than `grace_seconds` ago."""

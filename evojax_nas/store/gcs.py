@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -44,6 +45,7 @@ from evojax_nas.store.base import Member, Store
 log = logging.getLogger(__name__)
 
 _LIST_FIELDS = "items(name),nextPageToken"
+_COUNT_LOCK = threading.Lock()
 _MAX_CKPT_FILES = 256
 _FILE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -86,7 +88,8 @@ class GCSStore(GCSRecordsMixin, Store):
         return blob.name[len(self._key(rel_prefix)) :]
 
     def _get(self, rel: str) -> bytes:
-        self.requests += 1
+        with _COUNT_LOCK:  # `records()` reads on several threads
+            self.requests += 1
         try:
             blob = self._bucket.blob(self._key(rel))  # at most one byte over the limit is read
             return blob.download_as_bytes(end=_validate.MAX_JSON_BYTES, retry=DEFAULT_RETRY)
