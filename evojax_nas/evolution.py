@@ -49,7 +49,15 @@ from evojax_nas.model import flatten, variable_shapes
 from evojax_nas.mutations import MutationError
 from evojax_nas.programs import ProgramCache, SharedPrograms, code_version
 from evojax_nas.recipe import INITIAL_MUTATION, make_child, make_initial, plan_child
-from evojax_nas.state import CONTROL, MAX_MUTATIONS, SEEDED, Control, Record  # noqa: F401
+from evojax_nas.state import (  # noqa: F401
+    CONTROL,
+    MAX_MUTATIONS,
+    SEEDED,
+    Control,
+    Record,
+    child_id,
+    initial_id,
+)
 from evojax_nas.store import Member, Store
 from evojax_nas.train import (
     DeviceData,
@@ -61,10 +69,6 @@ from evojax_nas.train import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def child_id(worker_id: int, event: int) -> str:
-    return f"w{worker_id:03d}-e{event:06d}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,7 +594,7 @@ class Worker:
         )
         return Pending(
             ev,
-            f"init-{self.worker_id:03d}-{ev.number:06d}",
+            initial_id(self.worker_id, ev.number),
             dna,
             params,
             mutation=dict(INITIAL_MUTATION),

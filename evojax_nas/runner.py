@@ -33,7 +33,7 @@ from evojax_nas.lifecycle import (
     watch_parent,
 )
 from evojax_nas.progress import Progress
-from evojax_nas.state import FINISHED, WORKER_COUNTER
+from evojax_nas.state import FINISHED, WORKER_COUNTER, worker_of
 from evojax_nas.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -451,20 +451,6 @@ def _recount_from_store(store: Store, progress: Progress, worker_id: int) -> Non
             f"worker {worker_id} died after publishing {unreported} more "
             f"{'child' if unreported == 1 else 'children'} than it reported: counted"
         )
-
-
-def worker_of(ind_id: str) -> int | None:
-    """The ID of the worker that trained individual `ind_id` (`evolution.child_id`,
-    ``w<worker>-e<event>``; initial individuals ``init-<worker>-<event>``), or None."""
-    parts = ind_id.split("-")
-    try:
-        if len(parts) == 2 and parts[0].startswith("w") and parts[1].startswith("e"):
-            return int(parts[0][1:])
-        if len(parts) == 3 and parts[0] == "init":
-            return int(parts[1])
-    except ValueError:
-        pass
-    return None
 
 
 def _stop(slots: list[_Slot], events: Any, progress: Progress, grace: float = STOP_GRACE) -> None:

@@ -26,6 +26,29 @@ MAX_MUTATIONS = 100  # the most mutations per child `adjust` accepts (workers ig
 RECORD_FORMAT = 1  # the layout of the record a worker publishes with each individual
 
 
+def child_id(worker_id: int, event: int) -> str:
+    """The ID of the child worker `worker_id` makes at its event `event`."""
+    return f"w{worker_id:03d}-e{event:06d}"
+
+
+def initial_id(worker_id: int, event: int) -> str:
+    """The ID of an initial individual (the paper's trivial start) a worker makes."""
+    return f"init-{worker_id:03d}-{event:06d}"
+
+
+def worker_of(ind_id: str) -> int | None:
+    """The worker that made individual `ind_id` (`child_id`, `initial_id`), or None."""
+    parts = ind_id.split("-")
+    try:
+        if len(parts) == 2 and parts[0].startswith("w") and parts[1].startswith("e"):
+            return int(parts[0][1:])
+        if len(parts) == 3 and parts[0] == "init":
+            return int(parts[1])
+    except ValueError:
+        pass
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Control:
     """The `control` meta file: a run's steering by `adjust` (paper §5)."""

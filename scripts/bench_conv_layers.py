@@ -44,13 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def layers(net: str, size: int) -> list[dict]:
     """The convolutions of sample net `net` on `size`x`size` inputs, in the DNA's edge order."""
-    from importlib import resources
-
-    from evojax_nas import dna as dna_lib
     from evojax_nas.dna import vertex_shapes
+    from evojax_nas.samples import read_dna
 
-    text = resources.files("evojax_nas.samples").joinpath(f"bench_{net}.json").read_text()
-    dna = dna_lib.from_json(text)
+    dna = read_dna(f"bench_{net}")
     shapes = vertex_shapes(dna)
     out = []
     for e in dna.conv_edges():
