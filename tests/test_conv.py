@@ -193,7 +193,9 @@ def test_net_gradient_accuracy_against_float64():
     YNNPACK convolutions were off by up to 1.5e-2 on AMD Zen 3 (max-abs relative, conv_e13).
     On an AVX-512 CPU at batch 8: 1.6e-6 with `compiler_options` (Eigen convolutions, YNNPACK
     dots and reductions) and 2.2e-6 with XLA's defaults, but 1.2e-2 with Eigen convolutions
-    and XLA's own reductions (BN's batch statistics), which the last assertion checks.
+    and XLA's own reductions (BN's batch statistics), which the last assertion checks there.
+    That error is the AVX-512 reduction emitter's: on an AMD EPYC without AVX-512 (2026-11-29)
+    the same three were 1.5e-6, 1.5e-6 and 1.9e-6, so elsewhere it is only printed.
     """
     dna = _sample("bench_conv8.json")
     variables = init_variables(dna, jax.random.PRNGKey(0))
@@ -212,7 +214,8 @@ def test_net_gradient_accuracy_against_float64():
     errors["custom, XLA's reductions"] = _worst_kernel_error(got, ref)
     print(f"8-conv net, worst conv-kernel gradient error vs float64: {errors}")
     assert errors["custom"] < 1e-4 and errors["xla"] < 1e-4
-    assert errors["custom, XLA's reductions"] > 1e-3  # why the reductions stay in YNNPACK
+    if "avx512f" in C.host_cpu_flags():  # why the reductions stay in YNNPACK
+        assert errors["custom, XLA's reductions"] > 1e-3
 
 
 def test_compiler_options_follow_the_target(monkeypatch):
