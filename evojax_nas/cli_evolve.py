@@ -193,7 +193,14 @@ def _say_stopped(out: str) -> None:
 
 def run_join(args: argparse.Namespace) -> int:
     from evojax_nas.app import open_run
-    from evojax_nas.devices import apply, describe_plan, plan, run_worker_processes
+    from evojax_nas.devices import (
+        apply,
+        describe_plan,
+        discover,
+        plan,
+        run_worker_processes,
+        with_cpu_shares,
+    )
     from evojax_nas.lifecycle import GracefulStop, interrupts_end_the_process
     from evojax_nas.progress import Progress
     from evojax_nas.runner import claim_worker_id, run_budget, worker_main
@@ -213,6 +220,7 @@ def run_join(args: argparse.Namespace) -> int:
             ("--max-minutes", args.max_minutes),
         ):
             extra += [flag, str(value)] if value is not None else []
+        envs = with_cpu_shares(envs, discover().platform)
         return run_worker_processes(
             args.store, envs, extra, restart=args.restart, verbose=args.verbose
         )

@@ -22,6 +22,7 @@ from typing import Any
 
 from evojax_nas.app import open_run
 from evojax_nas.config import EvolutionConfig, stored_config
+from evojax_nas.devices import apply, discover, with_cpu_shares
 from evojax_nas.errors import ConcurrencyError, ConfigError, EvojaxNasError, NotFoundError
 from evojax_nas.hints import command
 from evojax_nas.lifecycle import (
@@ -262,8 +263,8 @@ def _worker_process(
 
     It exits by itself when its parent is gone; SIGINT asks it to stop between children.
     """
-    if env:  # its own chip (evojax_nas.devices), set before anything opens a device
-        os.environ.update(env)
+    if env:  # its own chip or cores (evojax_nas.devices), set before anything opens a device
+        apply(env)
     if parent_pid is not None:
         watch_parent(parent_pid)
     stop = GracefulStop().install()
@@ -341,6 +342,7 @@ def evolve(
     with interrupts_end_the_process():
         try:
             envs = worker_envs if worker_envs is not None else [{}] * cfg.workers
+            envs = with_cpu_shares(envs, discover().platform)
             shares = split_budget(budget.children_left, len(envs))
             for share, env in zip(shares, envs, strict=True):
                 if share == 0:

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench_child.py --lookahead both       # background compile off/on
     .venv/bin/python scripts/bench_child.py --platform tpu         # TPU v4 compiles, no TPU
     .venv/bin/python scripts/bench_child.py --tiny                 # seconds: the test's mode
+    .venv/bin/python scripts/bench_child.py --concurrent 2 --rounds 3  # cores shared or not
 
 CPU (default): one worker, in this process, produces `--children` children from a seeded
 sequence of events of the quick config (mnist5k, 200 steps per child, population 10, the
@@ -16,6 +17,12 @@ non-training share of the worker's time, measured and projected to the paper's 2
 child (the per-step time is the one measured here); and, for whole programs, what a *second*
 worker (a new process) pays to load every architecture the first compiled, and how much
 storage the programs take.
+
+`--concurrent N` runs N such workers at once, each a process of its own with its own seed
+(`--seed` + i) and store, as `evojax-nas evolve` runs N local workers: alternately unpinned and
+each kept to its share of the cores (`devices.with_cpu_shares`, what `evolve` does on a CPU),
+`--rounds` times, and prints the children per minute of all N together in each round and the
+ratio pinned / unpinned.
 
 `--platform tpu` compiles the train and eval programs of a seeded chain of 20 mutations for a
 TPU v4 chip on this machine (libtpu from the `tpu` extra; nothing runs) and reports per-program
@@ -66,13 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="background",
         help="publish each child on a background thread, as worker processes do, or in place",
     )
+    p.add_argument(
+        "--concurrent",
+        type=int,
+        metavar="N",
+        help="N workers at once, each in its own process, pinned to their cores and not (CPU)",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="unpinned/pinned rounds (--concurrent)")
     p.add_argument("--tiny", action="store_true", help="a few tiny children (for the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--second-worker", metavar="STORE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny:
         args.children, args.steps, args.population = 4, 3, 2
-        args.dataset, args.mutations = "digits8x8", 1
+        args.dataset, args.mutations, args.rounds = "digits8x8", 1, 1
+    if args.concurrent is not None and (args.concurrent < 1 or args.platform != "cpu"):
+        p.error("--concurrent takes a positive number of workers, on the CPU")
     return args
 
 
@@ -168,6 +184,7 @@ def run_worker_bench(args, root: str, lookahead: bool, train_impl: str) -> dict:
         "non_training_share": overhead / wall,
         "non_training_share_at_paper_steps": paper_share,
         "program_bytes": _tree_bytes(os.path.join(root, "programs")),
+        "cpus": ",".join(map(str, sorted(os.sched_getaffinity(0)))),  # the cores it ran on
     }
 
 
@@ -362,10 +379,83 @@ def print_tpu(out: dict) -> None:
     )
 
 
+# --------------------------------------------------------------------- concurrent workers
+
+
+def concurrent_main(args) -> dict:
+    """`args.concurrent` worker processes at once, unpinned then pinned, `args.rounds` times."""
+    from evojax_nas.devices import CPU_AFFINITY, CPUS, with_cpu_shares
+
+    n = args.concurrent
+    pinned = with_cpu_shares([{}] * n, "cpu", environ={})
+    if n > 1 and not all(CPUS in env for env in pinned):
+        raise SystemExit("this platform cannot pin processes to cores")
+    base = {k: v for k, v in os.environ.items() if k not in (CPUS, CPU_AFFINITY)}
+    rounds = []
+    for r in range(args.rounds):
+        for mode, envs in (("unpinned", [{}] * n), ("pinned", pinned)):
+            cmd = [sys.executable, os.path.abspath(__file__), "--json", "--children"]
+            cmd += [str(args.children), "--steps", str(args.steps), "--dataset", args.dataset]
+            cmd += ["--population", str(args.population), "--train-impl", args.train_impl]
+            procs = [
+                subprocess.Popen(
+                    [*cmd, "--seed", str(args.seed + i)],
+                    env={**base, **env},
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for i, env in enumerate(envs)
+            ]
+            workers = []
+            for i, proc in enumerate(procs):
+                stdout, _ = proc.communicate()
+                if proc.returncode:
+                    raise SystemExit(f"worker {i} ({mode}) failed with exit {proc.returncode}")
+                workers.append(json.loads(stdout)["runs"][0])
+            total = sum(w["children_per_minute"] for w in workers)
+            rounds.append(
+                {"round": r, "mode": mode, "children_per_minute": total, "workers": workers}
+            )
+            print(f"  round {r} {mode:8s} {total:7.1f} children/min", file=sys.stderr)
+    mean = {
+        mode: statistics.mean(x["children_per_minute"] for x in rounds if x["mode"] == mode)
+        for mode in ("unpinned", "pinned")
+    }
+    return {
+        "concurrent": n,
+        "cores": len(os.sched_getaffinity(0)),  # Linux: with_cpu_shares pinned them
+        "rounds": rounds,
+        "children_per_minute": mean,
+        "pinned_over_unpinned": mean["pinned"] / mean["unpinned"],
+    }
+
+
+def print_concurrent(out: dict) -> None:
+    print(f"\n{out['concurrent']} workers at once on {out['cores']} cores, children per minute:")
+    for x in out["rounds"]:
+        steps = [w["train_seconds_per_step"] * 1e3 for w in x["workers"]]
+        print(
+            f"  round {x['round']} {x['mode']:8s} {x['children_per_minute']:7.1f}  "
+            f"(ms per training step: {', '.join(f'{s:.2f}' for s in steps)})"
+        )
+    print(f"pinned / unpinned: {out['pinned_over_unpinned']:.2f}x")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.second_worker:
         print(json.dumps(second_worker(args.second_worker)))
+        return 0
+    if os.environ.get("EVOJAX_NAS_CPUS"):  # a --concurrent worker: keep to its cores, as
+        from evojax_nas.devices import CPUS, apply  # an evolve worker does
+
+        apply({CPUS: os.environ[CPUS]})
+    if args.concurrent:
+        out = concurrent_main(args)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print_concurrent(out)
         return 0
     out = tpu_main(args) if args.platform == "tpu" else cpu_main(args)
     if args.json:

@@ -1,8 +1,11 @@
 """scripts/bench_child.py in its tiny mode, so that the benchmark cannot rot."""
 
 import importlib.util
+import os
 
 import pytest
+
+from evojax_nas import devices
 
 try:
     from tests.conftest import run_script
@@ -55,3 +58,16 @@ def test_both_train_impls_side_by_side():
     assert second["sources"] == {"shared": second["architectures"]}
     ratio = out["layerwise_vs_whole"]["off"]
     assert ratio == runs["layerwise"]["children_per_minute"] / runs["whole"]["children_per_minute"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity here")
+def test_concurrent_workers_pinned_to_their_cores_and_not():
+    out = _run("--concurrent", "2")
+    assert [r["mode"] for r in out["rounds"]] == ["unpinned", "pinned"]
+    unpinned, pinned = (r["workers"] for r in out["rounds"])
+    cores = sorted(os.sched_getaffinity(0))
+    assert [w["cpus"] for w in unpinned] == [",".join(map(str, cores))] * 2
+    shares = [",".join(map(str, s)) for s in devices.cpu_shares(2, cores)]
+    assert [w["cpus"] for w in pinned] == shares  # each kept to its share
+    assert all(w["children"] == 4 for w in pinned + unpinned)
+    assert out["pinned_over_unpinned"] > 0

@@ -173,3 +173,46 @@ def test_the_launcher_gives_each_process_its_env_and_restarts_a_crashed_one(tmp_
     assert sorted(s["CUDA_VISIBLE_DEVICES"] for s in seen) == ["0", "1", "1", "2"]
     assert all(s["EVOJAX_NAS_DEVICE"] == "gpu:" + s["CUDA_VISIBLE_DEVICES"] for s in seen)
     assert code == 2  # the user error is reported, not hidden by the others' success
+
+
+def test_cpu_workers_share_the_cores_as_equally_as_can_be():
+    assert devices.cpu_shares(2, [1, 0]) == [(0,), (1,)]
+    assert devices.cpu_shares(3, range(8)) == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert devices.cpu_shares(1, [4, 5]) == [(4, 5)]
+    assert devices.cpu_shares(3, [0, 1]) == [(0,), (1,), (0,)]  # more workers than cores
+    with pytest.raises(ValueError):
+        devices.cpu_shares(2, [])
+
+
+def test_only_several_cpu_workers_are_pinned_and_the_user_can_turn_it_off():
+    cpu = worker_envs("cpu", [], 2)
+    pinned = devices.with_cpu_shares(cpu, "cpu", cpus=[0, 1], environ={})
+    assert [e[devices.CPUS] for e in pinned] == ["0", "1"]
+    assert all(e[ASSIGNED] == "cpu" for e in pinned)  # what was there stays
+    assert devices.with_cpu_shares([{}, {}], "cpu", cpus=[0, 1, 2, 3], environ={}) == [
+        {devices.CPUS: "0,1"},
+        {devices.CPUS: "2,3"},
+    ]
+    off = {devices.CPU_AFFINITY: "off"}
+    assert devices.with_cpu_shares(cpu, "cpu", cpus=[0, 1], environ=off) == cpu
+    assert devices.with_cpu_shares(cpu[:1], "cpu", cpus=[0, 1], environ={}) == cpu[:1]
+    gpus = worker_envs("gpu", ["0", "1"], 2)
+    assert devices.with_cpu_shares(gpus, "gpu", cpus=[0, 1], environ={}) == gpus
+    # an explicit --workers count on a GPU host: every worker sees the GPUs, no pinning
+    assert devices.with_cpu_shares([{}, {}], "gpu", cpus=[0, 1], environ={}) == [{}, {}]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_a_worker_keeps_to_its_share_of_the_cores():
+    first = min(os.sched_getaffinity(0))
+    code = (
+        "import os; from evojax_nas.devices import apply, device_info; "
+        f"apply({{'EVOJAX_NAS_CPUS': '{first}'}}); "
+        "print(sorted(os.sched_getaffinity(0)), device_info()['cpus'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "EVOJAX_NAS_CPUS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"[{first}]", str(first)]

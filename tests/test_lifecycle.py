@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from evojax_nas import devices
 from evojax_nas.store import open_store
 
 EXE = os.path.join(os.path.dirname(sys.executable), "evojax-nas")
@@ -71,6 +72,7 @@ def launch(tmp_path):
 
     def start(*args, ignore_sigint=False, **kw):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop(devices.CPU_AFFINITY, None)  # the default: workers pinned
 
         def pre():
             if ignore_sigint:  # what `nohup … &` in a script gives the job
@@ -173,6 +175,11 @@ def test_a_worker_that_dies_is_restarted(launch, tmp_path):
     dead = int(re.search(r"worker (\d+) died \(signal 9\)", stdout).group(1))
     beats = {w["worker"]: w for w in open_store(str(run), create=False).workers()}
     assert beats[dead].get("stopped") and beats[dead].get("reason") == "died", beats[dead]
+    # each worker trained on its own share of the cores, the restarted one on the dead one's
+    if hasattr(os, "sched_getaffinity"):
+        shares = devices.cpu_shares(2, sorted(os.sched_getaffinity(0)))
+        cpus = {r["device"]["cpus"] for r in open_store(str(run), create=False).records()}
+        assert cpus == {",".join(map(str, s)) for s in shares}
 
 
 class _DeadProcess:
