@@ -263,9 +263,10 @@ def with_cpu_shares(
 
 def apply(env: Mapping[str, str]) -> None:
     """Sets a worker's variables in this process, and keeps it to its cores
-    (``EVOJAX_NAS_CPUS``, `with_cpu_shares`); call it before JAX opens a device."""
+    (``EVOJAX_NAS_CPUS``, given in `env` or inherited: the ``worker`` processes that
+    ``worker --workers N`` starts); call it before JAX opens a device."""
     os.environ.update(env)
-    cores = env.get(CPUS)
+    cores = os.environ.get(CPUS)
     if cores and hasattr(os, "sched_setaffinity"):
         try:
             os.sched_setaffinity(0, {int(c) for c in cores.split(",")})

@@ -204,15 +204,22 @@ def test_only_several_cpu_workers_are_pinned_and_the_user_can_turn_it_off():
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
 def test_a_worker_keeps_to_its_share_of_the_cores():
+    """Given in its env (`evolve`'s workers) or inherited (the processes of `worker
+    --workers N`, which apply an env without it)."""
     first = min(os.sched_getaffinity(0))
     code = (
-        "import os; from evojax_nas.devices import apply, device_info; "
-        f"apply({{'EVOJAX_NAS_CPUS': '{first}'}}); "
+        "import os, sys; from evojax_nas.devices import apply, device_info; "
+        "apply({'EVOJAX_NAS_CPUS': sys.argv[1]} if sys.argv[1] else {}); "
         "print(sorted(os.sched_getaffinity(0)), device_info()['cpus'])"
     )
-    env = {k: v for k, v in os.environ.items() if k != "EVOJAX_NAS_CPUS"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [f"[{first}]", str(first)]
+    env = {k: v for k, v in os.environ.items() if k != devices.CPUS}
+    for given, inherited in ((str(first), {}), ("", {devices.CPUS: str(first)})):
+        out = subprocess.run(
+            [sys.executable, "-c", code, given],
+            capture_output=True,
+            text=True,
+            env={**env, **inherited},
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [f"[{first}]", str(first)]
