@@ -446,24 +446,20 @@ def main(argv=None) -> int:
     if args.second_worker:
         print(json.dumps(second_worker(args.second_worker)))
         return 0
-    if os.environ.get("EVOJAX_NAS_CPUS"):  # a --concurrent worker: keep to its cores, as
-        from evojax_nas.devices import CPUS, apply  # an evolve worker does
+    if os.environ.get("EVOJAX_NAS_CPUS"):  # a --concurrent worker keeps to its cores (its
+        from evojax_nas.devices import apply  # inherited EVOJAX_NAS_CPUS), as evolve's do
 
-        apply({CPUS: os.environ[CPUS]})
+        apply({})
     if args.concurrent:
-        out = concurrent_main(args)
-        if args.json:
-            print(json.dumps(out))
-        else:
-            print_concurrent(out)
-        return 0
-    out = tpu_main(args) if args.platform == "tpu" else cpu_main(args)
+        out, show = concurrent_main(args), print_concurrent
+    elif args.platform == "tpu":
+        out, show = tpu_main(args), print_tpu
+    else:
+        out, show = cpu_main(args), lambda out: print_cpu(out, args)
     if args.json:
         print(json.dumps(out))
-    elif args.platform == "tpu":
-        print_tpu(out)
     else:
-        print_cpu(out, args)
+        show(out)
     return 0
 
 
