@@ -178,8 +178,15 @@ def test_a_worker_that_dies_is_restarted(launch, tmp_path):
     # each worker trained on its own share of the cores, the restarted one on the dead one's
     if hasattr(os, "sched_getaffinity"):
         shares = devices.cpu_shares(2, sorted(os.sched_getaffinity(0)))
-        cpus = {r["device"]["cpus"] for r in open_store(str(run), create=False).records()}
-        assert cpus == {",".join(map(str, s)) for s in shares}
+        cpus: dict[int, set] = {}
+        for r in open_store(str(run), create=False).records():
+            cpus.setdefault(r["worker"], set()).add(r["device"]["cpus"])
+        assert set().union(*cpus.values()) == {",".join(map(str, s)) for s in shares}
+        restarted = int(re.search(r"restarted as worker (\d+)", stdout).group(1))
+        (survivor,) = set(cpus) - {dead, restarted}
+        assert len(cpus[restarted]) == len(cpus[survivor]) == 1
+        if len(set(shares)) == 2:  # two cores or more: the shares differ
+            assert cpus[restarted] != cpus[survivor]
 
 
 class _DeadProcess:
