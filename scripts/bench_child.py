@@ -215,6 +215,15 @@ def second_worker(root: str) -> dict:
     return {"architectures": len(seen), "sources": dict(sources), "seconds": seconds}
 
 
+def _worker_command(args, **flags) -> list[str]:
+    """This script in a fresh process, printing JSON: one CPU worker with `args`' settings,
+    `flags` (e.g. ``seed=1``) replacing some."""
+    names = ("children", "steps", "population", "dataset", "seed", "publish", "train_impl")
+    settings = {**{k: getattr(args, k) for k in names}, **flags}
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    return [sys.executable, os.path.abspath(__file__), "--json", *options]
+
+
 def cpu_main(args) -> dict:
     lookaheads = {"off": [False], "on": [True], "both": [False, True]}[args.lookahead]
     from evojax_nas.evolution import resolve_train_impl
@@ -230,18 +239,7 @@ def cpu_main(args) -> dict:
         for i, (lookahead, impl) in enumerate(variants):
             root = os.path.join(tmp, f"run{i}")
             if len(variants) > 1:  # each variant in a fresh process: no warm caches carried
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--json",
-                    "--lookahead",
-                    "on" if lookahead else "off",
-                ]
-                cmd += [f"--train-impl={impl}"]
-                cmd += [
-                    f"--{k}={getattr(args, k)}"
-                    for k in ("children", "steps", "population", "dataset", "seed", "publish")
-                ]
+                cmd = _worker_command(args, lookahead="on" if lookahead else "off", train_impl=impl)
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 sub = json.loads(res.stdout)
                 out["runs"] += sub["runs"]
@@ -394,12 +392,9 @@ def concurrent_main(args) -> dict:
     rounds = []
     for r in range(args.rounds):
         for mode, envs in (("unpinned", [{}] * n), ("pinned", pinned)):
-            cmd = [sys.executable, os.path.abspath(__file__), "--json", "--children"]
-            cmd += [str(args.children), "--steps", str(args.steps), "--dataset", args.dataset]
-            cmd += ["--population", str(args.population), "--train-impl", args.train_impl]
             procs = [
                 subprocess.Popen(
-                    [*cmd, "--seed", str(args.seed + i)],
+                    _worker_command(args, seed=args.seed + i),
                     env={**base, **env},
                     stdout=subprocess.PIPE,
                     text=True,
