@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evojax_nas import xla_backend
 from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
 from evojax_nas.augment import preprocess
 from evojax_nas.conv import compiler_options as conv_compiler_options
@@ -61,9 +62,20 @@ BN_LEAVES = (
 # XLA:CPU's options for layer programs. Its legacy fusion emitters instead of the MLIR ones: on
 # a 10-minute default job's layer programs compiling was 1.45-1.55x and training 1.16x faster,
 # results equal to float rounding, measured with `python scripts/bench_layerwise.py --run RUN
-# --compare-options` (README, "Layer-wise training"). Whole programs gain nothing from it
+# --compare-options emitters` (README, "Layer-wise training"). Whole programs gain nothing from it
 # (bench_train_step: conv4/conv8 +-4 %).
 CPU_LAYER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
+
+
+# XLA:CPU's LLVM options for layer programs on a CPU without AVX-512 (`xla_backend`): no loop
+# unrolling. Their tensors are small, and LLVM unrolled their fixed-count loops in full, which
+# cost much of a program's compile and bought no speed: on a default job's architectures
+# compiling was 1.58x faster and training 0.98x (architectures 100-159), 1.32x and 1.06x
+# (330-369), the same answers to float rounding, measured with
+# `python scripts/bench_layerwise.py --run RUN --start 100 --limit 60 --compare-options`
+# (README, "Layer-wise training"). Newer XLA turns LLVM's unrolling off itself on AVX2 hosts
+# without AVX-512. Not measured with AVX-512, so left as it was there.
+CPU_LAYER_BACKEND_OPTIONS = ("xla_cpu_disable_loop_unrolling",)
 
 
 def compiler_options(platform: str | None = None) -> dict[str, Any]:
@@ -73,19 +85,32 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
     convolutions (`conv.compiler_options`) a default job's small nets trained layer-wise ~5 %
     slower there (`bench_layerwise.py --run RUN --start 300 --limit 100 --layers-only`, 100
     architectures: 51.1 / 51.4 s against 53.1 / 55.5 s). Elsewhere the whole programs' options
-    (YNNPACK's convolutions measured ~10x slower on kernel gradients on AMD Zen 3).
+    (YNNPACK's convolutions measured ~10x slower on kernel gradients on AMD Zen 3), and no LLVM
+    loop unrolling (`CPU_LAYER_BACKEND_OPTIONS`) where `xla_backend.install` works.
     """
     platform = platform or jax.default_backend()
     if platform != "cpu":
         return conv_compiler_options(platform)
-    convs = {} if "avx512f" in host_cpu_flags() else conv_compiler_options(platform)
-    return {**convs, **CPU_LAYER_OPTIONS}
+    if "avx512f" in host_cpu_flags():
+        return {**CPU_LAYER_OPTIONS}
+    options = {**conv_compiler_options(platform), **CPU_LAYER_OPTIONS}
+    if xla_backend.install():
+        options[xla_backend.EXTRA_OPTIONS] = ",".join(CPU_LAYER_BACKEND_OPTIONS)
+    return options
 
 
 def options_before_legacy_emitters(platform: str | None = None) -> dict[str, Any]:
     """`compiler_options` without `CPU_LAYER_OPTIONS`: what layer programs compiled with before
-    XLA:CPU's legacy fusion emitters (`bench_layerwise.py --compare-options` measures both)."""
+    XLA:CPU's legacy fusion emitters (`bench_layerwise.py --compare-options emitters`)."""
     return {k: v for k, v in compiler_options(platform).items() if k not in CPU_LAYER_OPTIONS}
+
+
+def options_before_backend_options(platform: str | None = None) -> dict[str, Any]:
+    """`compiler_options` without `CPU_LAYER_BACKEND_OPTIONS`: what layer programs compiled with
+    before them (`bench_layerwise.py --compare-options unrolling`)."""
+    options = compiler_options(platform)
+    options.pop(xla_backend.EXTRA_OPTIONS, None)
+    return options
 
 
 class OpCache:

@@ -72,7 +72,8 @@ CLAIM_WAIT_SECONDS = 300.0  # how long to wait for a program another worker clai
 # The package modules compiled programs are traced from: this one and what it imports,
 # transitively (tests/test_import_graph.py checks the list against the import graph).
 CODE_MODULES = (
-    "architecture", "augment", "conv", "dna", "errors", "layerwise", "model", "programs", "steps"
+    "architecture", "augment", "conv", "dna", "errors", "layerwise", "model", "programs", "steps",
+    "xla_backend",
 )  # fmt: skip
 
 

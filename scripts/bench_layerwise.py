@@ -69,9 +69,11 @@ on the 2-core development machine under `nice -n 10` while the lead's campaign r
   add, 5000 calls): ~0.5-1.5 ms per step of a 30-call net, most of the layer-wise training
   overhead; the rest is no fusion across layers and BN's statistics computed again backward.
 
-`--compare-options` times, instead, the layer programs under their XLA options
-(`layerwise.compiler_options`) against the options before them (the same with XLA:CPU's MLIR
-fusion emitters: `layerwise.options_before_legacy_emitters`), architecture by architecture in
+`--compare-options [unrolling|emitters]` times, instead, the layer programs under their XLA
+options (`layerwise.compiler_options`) against the options before them: `unrolling` (the
+default), the same with LLVM's loop unrolling on (`layerwise.options_before_backend_options`;
+on a CPU with AVX-512 the two are the same); `emitters`, the same with XLA:CPU's MLIR fusion
+emitters (`layerwise.options_before_legacy_emitters`), architecture by architecture in
 alternating order, each with its own cold signature cache, and prints the ratios (before ÷ now)
 of compile and training seconds. Their numbers differ only by float rounding: the counts of
 correct validation answers (random labels) may differ by at most 0.1 % of the answers, or the
@@ -117,8 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--compare-options",
-        action="store_true",
-        help="layer-wise only: its XLA options now against those before (fusion emitters on)",
+        nargs="?",
+        const="unrolling",
+        choices=("unrolling", "emitters"),
+        help="layer-wise only: its XLA options now against those before the last change "
+        "(unrolling, the default: LLVM loop unrolling on) or before the legacy fusion emitters",
     )
     p.add_argument(
         "--second-worker",
@@ -429,17 +434,22 @@ def bench(args) -> dict:
 
 
 def compare_options(args) -> dict:
-    """Layer programs under `layerwise.compiler_options` ("now") against the same without XLA:CPU's
-    legacy fusion emitters ("before"): compile and training seconds over the same architectures."""
+    """Layer programs under `layerwise.compiler_options` ("now") against the options before the
+    change `args.compare_options` names ("before"): compile and training seconds over the same
+    architectures."""
     import jax
 
     from evojax_nas import dna as D
+    from evojax_nas import layerwise
     from evojax_nas.layerwise import OpCache
-    from evojax_nas.layerwise import options_before_legacy_emitters as before_options
     from evojax_nas.model import init_variables
 
     dnas, source, _ = _sequence(args)
     b = Bench(args.dataset, args.steps, args.seed)
+    before_options = {
+        "unrolling": layerwise.options_before_backend_options,
+        "emitters": layerwise.options_before_legacy_emitters,
+    }[args.compare_options]
     options = {"now": b.options, "before": before_options(b.target.platform)}
     caches = {name: OpCache(opts) for name, opts in options.items()}
     totals = {name: {"compile": 0.0, "train": 0.0, "eval": 0.0, "correct": 0} for name in caches}
@@ -464,6 +474,7 @@ def compare_options(args) -> dict:
         "architectures": len(dnas),
         "steps": args.steps,
         "signatures": len(caches["now"]),
+        "compared": args.compare_options,
         "options": {k: {o: str(v) for o, v in opts.items()} for k, opts in options.items()},
         "totals": totals,
         "ratio_before_over_now": ratio,

@@ -1,5 +1,8 @@
 """scripts/bench_layerwise.py in its tiny mode, and its layer-wise driver's signature cache."""
 
+from evojax_nas import xla_backend
+from evojax_nas.conv import host_cpu_flags
+
 try:
     from tests.conftest import load_script, run_script
 except ImportError:  # tests/ is not a package: pytest put it on sys.path itself.
@@ -35,9 +38,11 @@ def test_tiny_run_compares_both_paths_and_checks_them_numerically():
 
 def test_tiny_run_compares_the_layer_options_with_those_before():
     res = run_script("bench_layerwise.py", "--tiny", "--compare-options", "--json")
-    assert res["architectures"] == 3 and res["signatures"] > 0
-    assert res["options"]["now"]["xla_cpu_use_fusion_emitters"] == "False"
-    assert "xla_cpu_use_fusion_emitters" not in res["options"]["before"]
+    assert res["architectures"] == 3 and res["signatures"] > 0 and res["compared"] == "unrolling"
+    now, before = res["options"]["now"], res["options"]["before"]
+    assert now["xla_cpu_use_fusion_emitters"] == before["xla_cpu_use_fusion_emitters"] == "False"
+    assert xla_backend.EXTRA_OPTIONS not in before
+    assert (xla_backend.EXTRA_OPTIONS in now) == ("avx512f" not in host_cpu_flags())
     for totals in res["totals"].values():
         assert totals["compile"] > 0 and totals["train"] > 0
     assert res["agree"] and res["answers_differ_by"] <= 0.001 * res["answers"]

@@ -16,6 +16,7 @@ from jax import lax
 
 from evojax_nas import conv as C
 from evojax_nas import dna as dna_lib
+from evojax_nas import xla_backend
 from evojax_nas.model import DNANet, init_variables, variable_shapes
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -236,6 +237,7 @@ def test_compiler_options_follow_the_target(monkeypatch):
     assert layerwise.compiler_options("cpu") == {
         **C.compiler_options("cpu"),
         "xla_cpu_use_fusion_emitters": False,
+        xla_backend.EXTRA_OPTIONS: "xla_cpu_disable_loop_unrolling",
     }
     monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert layerwise.compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evojax_nas import dna as D
-from evojax_nas import layerwise, samples
+from evojax_nas import layerwise, samples, xla_backend
 from evojax_nas import model as M
 from evojax_nas import mutations as MU
 from evojax_nas.data import Dataset
@@ -183,30 +183,50 @@ def test_known_layers_compile_nothing(data):
 
 def test_layer_programs_compile_with_their_options_and_train_as_before(data):
     """A worker's layer programs compile with `layerwise.compiler_options` (on a CPU: XLA's
-    legacy fusion emitters, which compile and run faster there), and train as programs
-    compiled with the options before them do."""
+    legacy fusion emitters, which compile and run faster there; without AVX-512, no LLVM loop
+    unrolling too), and train as programs compiled with the options before each of them do."""
 
     cache = ProgramCache()
     assert cache.layers.options == layerwise.compiler_options("cpu")
     assert cache.layers.options["xla_cpu_use_fusion_emitters"] is False
     assert "xla_cpu_use_fusion_emitters" not in layerwise.compiler_options("tpu")
-    before = ProgramCache()
-    before.layers = layerwise.OpCache(layerwise.options_before_legacy_emitters("cpu"))
+    assert xla_backend.EXTRA_OPTIONS not in layerwise.compiler_options("tpu")
+    before_emitters, before_unrolling = ProgramCache(), ProgramCache()
+    before_emitters.layers = layerwise.OpCache(layerwise.options_before_legacy_emitters("cpu"))
+    before_unrolling.layers = layerwise.OpCache(layerwise.options_before_backend_options("cpu"))
+    assert xla_backend.EXTRA_OPTIONS not in before_unrolling.layers.options
     dna = merged_dna()
     variables = M.init_variables(dna, KEY)
+    caches = (cache, before_emitters, before_unrolling)
     states = [
         run_training(c.get(dna, data.layout, LAYERS), variables, data, KEY, 0.05, LAYERS)[0]
-        for c in (cache, before)
+        for c in caches
     ]
-    assert cache.layers.compiles > 0 and before.layers.compiles == cache.layers.compiles
-    assert _close(states[0].params, states[1].params, rtol=1e-5, atol=1e-6)
-    assert _close(states[0].batch_stats, states[1].batch_stats, rtol=1e-5, atol=1e-6)
+    assert cache.layers.compiles > 0
+    assert all(c.layers.compiles == cache.layers.compiles for c in caches)
+    for other in states[1:]:
+        assert _close(states[0].params, other.params, rtol=1e-5, atol=1e-6)
+        assert _close(states[0].batch_stats, other.batch_stats, rtol=1e-5, atol=1e-6)
     assert not _close(states[0].params, variables["params"])
     # The options reach the compiler: one it does not know fails the compile.
     broken = ProgramCache()
     broken.layers = layerwise.OpCache({"xla_no_such_option_anywhere": True})
     with pytest.raises(Exception, match="xla_no_such_option_anywhere"):
         broken.get(dna, data.layout, LAYERS)
+
+
+def test_loop_unrolling_is_turned_off_only_on_cpus_without_avx512(monkeypatch):
+    monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    options = layerwise.compiler_options("cpu")
+    assert options[xla_backend.EXTRA_OPTIONS] == "xla_cpu_disable_loop_unrolling"
+    assert options["xla_cpu_use_fusion_emitters"] is False
+    monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    options = layerwise.compiler_options("cpu")
+    assert xla_backend.EXTRA_OPTIONS not in options
+    assert options == layerwise.options_before_backend_options("cpu")
+    monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(xla_backend, "install", lambda: False)  # another JAX: left out
+    assert xla_backend.EXTRA_OPTIONS not in layerwise.compiler_options("cpu")
 
 
 def _layer_blobs(root) -> list:
