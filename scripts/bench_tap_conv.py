@@ -3,13 +3,17 @@
     .venv/bin/python scripts/bench_tap_conv.py            # batch 50, 28x28 (MNIST's shape)
     .venv/bin/python scripts/bench_tap_conv.py --tiny     # seconds: the test's mode
 
-`evojax_nas.conv.conv2d` runs a convolution with at most `TAP_SUM_MAX_TERMS` multiply-adds per
-output pixel (taps x in x out channels) as a sum of shifted, scaled copies of its input, both
-forward and for the input's gradient (the kernel's gradient stays a convolution). This prints,
-for each layer shape, the seconds of a jitted forward + backward (`jax.grad` of a sum of squares)
-through each path, forced by setting the bound, and the ratio convolution / tap sum (> 1: the
-tap sum is faster), so the bound can be checked on a new machine. The median of `--repeats`
-timings of `--calls` calls each, the two paths alternating.
+`evojax_nas.conv.conv2d` runs a convolution as a sum of shifted, scaled copies of its input
+where `conv.uses_tap_sum` says so (at most `TAP_SUM_MAX_TERMS` multiply-adds per output pixel,
+taps x in x out channels, or at most `TAP_SUM_FEW_INPUTS_MAX_TERMS` with at most
+`TAP_SUM_FEW_INPUTS` input channels), forward and for the input's gradient (the kernel's
+gradient stays a convolution). This prints, for each layer shape, the seconds of a jitted
+forward + backward (`jax.grad` of a sum of squares) through each path, forced by replacing
+`uses_tap_sum`, and the ratio convolution / tap sum (> 1: the tap sum is faster), then the
+rule's own choice per direction (the forward and the input gradient decide apart: the input
+gradient's input channels are the layer's outputs) and convolution / rule, so the rule can be
+checked on a new machine. The median of `--repeats` timings of `--calls` calls each, the
+paths alternating.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ SHAPES = (
     (4, 4, 5, 1),
     (4, 8, 3, 1),
     (8, 8, 3, 1),
+    (3, 32, 3, 1),
+    (1, 64, 3, 1),
+    (3, 16, 5, 1),
 )
 
 
@@ -55,22 +62,23 @@ def bench(args) -> dict:
 
     from evojax_nas import conv as C
 
-    bound = C.TAP_SUM_MAX_TERMS
+    by_default = C.uses_tap_sum
     rng = np.random.default_rng(0)
     rows = []
     for cin, cout, k, stride in SHAPES[:2] if args.tiny else SHAPES:
         x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, cin)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
         fns = {}
-        for path, forced in (("tap_sum", 10**9), ("convolution", 0)):
-            C.TAP_SUM_MAX_TERMS = forced  # read at trace time
+        rules = {"tap_sum": lambda *_: True, "convolution": lambda *_: False, "rule": by_default}
+        for path, rule in rules.items():
+            C.uses_tap_sum = rule  # read at trace time
             try:
                 fn = jax.jit(
                     jax.grad(lambda x, w, s=stride: jnp.sum(C.conv2d(x, w, s) ** 2), (0, 1))
                 )
                 fns[path] = (fn, jax.block_until_ready(fn(x, w)))
             finally:
-                C.TAP_SUM_MAX_TERMS = bound
+                C.uses_tap_sum = by_default
         (da, wa), (db, wb) = fns["tap_sum"][1], fns["convolution"][1]
         error = max(
             float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in ((da, db), (wa, wb))
@@ -88,13 +96,16 @@ def bench(args) -> dict:
             {
                 "shape": [cin, cout, k, stride],
                 "terms": k * k * cin * cout,
-                "tap_sum_by_default": k * k * cin * cout <= bound,
+                "tap_sum_by_default": by_default(k, k, cin, cout),
+                "input_grad_tap_sum_by_default": by_default(k, k, cout, cin),
                 "seconds": med,
                 "ratio": med["convolution"] / med["tap_sum"],
+                "rule_ratio": med["convolution"] / med["rule"],
                 "max_rel_error": error,
             }
         )
-    return {"batch": args.batch, "size": args.size, "bound": bound, "rows": rows}
+    bounds = [C.TAP_SUM_MAX_TERMS, C.TAP_SUM_FEW_INPUTS, C.TAP_SUM_FEW_INPUTS_MAX_TERMS]
+    return {"batch": args.batch, "size": args.size, "bounds": bounds, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -105,16 +116,21 @@ def main(argv=None) -> int:
         return 0
     print(
         f"batch {out['batch']}, {out['size']}x{out['size']}, forward + backward; "
-        f"TAP_SUM_MAX_TERMS = {out['bound']}"
+        "tap sum up to {} terms, or {} with at most {} input channels".format(
+            out["bounds"][0], out["bounds"][2], out["bounds"][1]
+        )
     )
+    print("  (the rule: forward / input gradient, each a tap sum or a convolution)")
+    paths = {True: "tap", False: "conv"}
     for r in out["rows"]:
         cin, cout, k, stride = r["shape"]
         s = r["seconds"]
         print(
             f"  {cin:2d}->{cout:<2d} {k}x{k}/{stride} ({r['terms']:4d} terms, "
-            f"{'tap sum' if r['tap_sum_by_default'] else 'convolution'} by default): "
-            f"tap sum {1e3 * s['tap_sum']:6.3f} ms, convolution {1e3 * s['convolution']:6.3f} ms,"
-            f" ratio {r['ratio']:5.2f}x  (rel. error {r['max_rel_error']:.1e})"
+            f"rule: {paths[r['tap_sum_by_default']]}/{paths[r['input_grad_tap_sum_by_default']]}"
+            f"): tap sum {1e3 * s['tap_sum']:6.3f} ms, convolution {1e3 * s['convolution']:6.3f}"
+            f" ms, ratio {r['ratio']:5.2f}x; the rule {1e3 * s['rule']:6.3f} ms,"
+            f" {r['rule_ratio']:5.2f}x  (rel. error {r['max_rel_error']:.1e})"
         )
     return 0
 

@@ -7,7 +7,8 @@ Nets are the DNAs in evojax_nas/samples/bench_conv{4,8}.json (DESIGN §6): batch
 fp32, SGD with momentum, weight decay, BN+ReLU after every convolution. Ours is trained
 through `train.compile_programs` and the compiled step, exactly as evolution runs it (with
 CIFAR augmentation inside the step); each `--impls` entry is a `TrainConfig.conv_impl`
-("xla-default": XLA's own convolution with XLA's default options, i.e. before conv.py).
+("xla-default": XLA's own convolution with XLA's default options, i.e. before conv.py;
+"custom-dilated": ours with a strided input gradient as one dilated convolution, as before).
 The baseline is PyTorch eager, channels_last, built from the same DNA (random flip only: its
 augmentation costs are negligible next to the convolutions); it is skipped when torch is not
 importable (it is not a dependency: `pip install torch==2.13.0 --index-url
@@ -36,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["xla-default", "xla", "custom"],
         help="conv_impl values; NAME-default compiles with XLA's default options (no "
-        "conv.compiler_options), as before the custom convolution",
+        "conv.compiler_options), as before the custom convolution; custom-dilated computes a "
+        "strided layer's input gradient as one dilated convolution (conv.uses_phases off), as "
+        "before 2026-11-30",
     )
     p.add_argument("--steps", type=int, default=None, help="steps per repeat (conv4 10, conv8 3)")
     p.add_argument("--repeats", type=int, default=3)
@@ -79,13 +82,14 @@ class Timed:
 def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[str, float]]:
     import jax
 
+    from evojax_nas import conv as conv_lib
     from evojax_nas import programs as programs_lib
     from evojax_nas.model import init_variables
     from evojax_nas.programs import Layout, Target, chunk_length, compile_programs
     from evojax_nas.train import TrainConfig, TrainState, input_pipeline
     from evojax_nas.train import make_optimizer as optimizer
 
-    conv_impl = impl.removesuffix("-default")
+    conv_impl = impl.removesuffix("-default").removesuffix("-dilated")
     per_call = max(1, min(100, steps_hint))  # chunks as long as the timed runs: no waste
     config = TrainConfig(
         steps=steps_hint, batch_size=50, conv_impl=conv_impl, steps_per_dispatch=per_call
@@ -93,8 +97,12 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
     t0 = time.perf_counter()
     variables = init_variables(dna, jax.random.PRNGKey(0))
     t1 = time.perf_counter()
-    options = programs_lib.compiler_options if conv_impl == impl else (lambda *_: {})
-    with mock.patch.object(programs_lib, "compiler_options", options):
+    options = programs_lib.compiler_options if not impl.endswith("-default") else (lambda *_: {})
+    phases = conv_lib.uses_phases if not impl.endswith("-dilated") else (lambda *_: False)
+    with (
+        mock.patch.object(programs_lib, "compiler_options", options),
+        mock.patch.object(conv_lib, "uses_phases", phases),
+    ):
         layout = Layout.of(dataset)
         programs, _ = compile_programs(dna, layout, config, Target.local())
     k = chunk_length(layout, config)

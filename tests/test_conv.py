@@ -59,13 +59,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["auto", "tap_sum", "convolution"])
+@pytest.mark.parametrize("path", ["auto", "tap_sum", "convolution", "phases"])
 @pytest.mark.parametrize("h,w,cin,cout,kh,kw,stride", CASES)
 def test_conv2d_matches_float64_reference(h, w, cin, cout, kh, kw, stride, path, monkeypatch):
-    """Each case through the path its size picks, and through both forced (tap sums for the
-    few-channel layers, XLA's convolution for the others)."""
-    bound = {"auto": C.TAP_SUM_MAX_TERMS, "tap_sum": 10**9, "convolution": 0}[path]
-    monkeypatch.setattr(C, "TAP_SUM_MAX_TERMS", bound)
+    """Each case through the path its size picks, and through each forced: tap sums (for the
+    few-channel layers), XLA's convolution (for the others), and XLA's convolution with the
+    strided input gradient as phase convolutions."""
+    if path != "auto":
+        monkeypatch.setattr(C, "uses_tap_sum", lambda *_: path == "tap_sum")
+        monkeypatch.setattr(C, "uses_phases", lambda *_: path == "phases")
     rng = np.random.default_rng(h * 1000 + cin * 100 + kh * 10 + stride)
     x = rng.standard_normal((2, h, w, cin)).astype(np.float32)
     k = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
@@ -114,6 +116,15 @@ def test_conv_module_has_nn_conv_variables():
         stock, x + 1.0
     )
     np.testing.assert_allclose(y, y_stock, rtol=1e-5, atol=1e-6)
+
+
+def test_rules_pick_tap_sums_and_phases_per_direction():
+    # Forward: the layer's in channels; input gradient: its out channels play the inputs.
+    assert C.uses_tap_sum(3, 3, 3, 32) and not C.uses_tap_sum(3, 3, 32, 3)  # CIFAR's 1st layer
+    assert C.uses_tap_sum(3, 3, 2, 8) and C.uses_tap_sum(3, 3, 8, 2)  # 144 terms: both ways
+    assert not C.uses_tap_sum(3, 3, 8, 8) and not C.uses_tap_sum(3, 3, 3, 128)
+    assert C.uses_phases(3, 3, 16, 16, 2) and C.uses_phases(5, 5, 4, 4, 2)
+    assert not C.uses_phases(3, 3, 4, 4, 2) and not C.uses_phases(3, 3, 16, 16, 1)
 
 
 def test_resolve_impl():
