@@ -57,15 +57,31 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
 
 @functools.cache
 def host_cpu_flags() -> frozenset[str]:
-    """The SIMD feature flags of this host's CPU (empty where /proc/cpuinfo is not readable)."""
+    """The feature flags of this host's CPU: x86's "flags" or ARM's "Features" line of
+    /proc/cpuinfo (empty where it is not readable)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return frozenset()
+
+
+# The CPU features that XLA:CPU's code generation can use (x86 and ARM), as /proc/cpuinfo names
+# them: executables compiled on a host with one of them may not run on a host without it.
+CODEGEN_FLAG_PREFIXES = (
+    "sse", "ssse", "avx", "fma", "f16c", "bmi", "amx", "aes", "pclmul", "vpclmul", "sha", "gfni",
+    "vaes", "popcnt", "movbe", "lzcnt", "abm", "adx", "asimd", "sve", "sme", "fphp", "bf16", "i8mm",
+)  # fmt: skip
+
+
+def host_instruction_set() -> str:
+    """The code-generation features of this host's CPU, sorted and comma-joined: what a CPU
+    executable compiled here may need of the host that runs it."""
+    flags = (f for f in host_cpu_flags() if f.startswith(CODEGEN_FLAG_PREFIXES))
+    return ",".join(sorted(f for f in flags if f != "smep"))  # smep: x86 kernel protection
 
 
 # XLA:CPU's option that names the operations it hands to its YNNPACK library fusions.

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 
 from evojax_nas import layerwise
 from evojax_nas.architecture import flops
-from evojax_nas.conv import compiler_options, resolve_impl
+from evojax_nas.conv import compiler_options, host_instruction_set, resolve_impl
 from evojax_nas.dna import DNA, architecture_key
 from evojax_nas.errors import ConcurrencyError, EvojaxNasError, NotFoundError, StoreError
 from evojax_nas.model import DNANet, variable_shapes
@@ -114,6 +114,16 @@ class Target(NamedTuple):
     device_kind: str
     device: Any = None
     compile_only: bool = False
+
+    @property
+    def instruction_set(self) -> str:
+        """The host CPU's code-generation features when programs compile for this host's CPU
+        (XLA:CPU compiles for the host it runs on), else "". Part of every shared program's
+        key, so that a fleet of CPU hosts sharing one store never hands an executable built
+        for one instruction set (AVX-512, say) to a host without it."""
+        if self.platform != "cpu" or self.compile_only:
+            return ""
+        return host_instruction_set()
 
     @classmethod
     def local(cls) -> Target:
@@ -200,6 +210,7 @@ def program_key(dna: DNA, layout: Layout, cfg: TrainConfig, target: Target) -> s
         sorted(compiler_options(platform).items()),
         platform,
         target.device_kind,
+        target.instruction_set,
         jax.__version__,
         jaxlib_version,
         code_digest(),
@@ -502,7 +513,8 @@ class SharedLayers:
     signature: `programs/layers-<environment>/<signature digest>`.
 
     The environment digest covers what an executable depends on besides its signature (this
-    format, platform, device kind, JAX and jaxlib versions, the package's code: `code_digest`;
+    format, platform, device kind, a CPU host's instruction set (`Target.instruction_set`), JAX
+    and jaxlib versions, the package's code: `code_digest`;
     the compiler options go into each signature's digest). A blob holds a header, a JSON line
     (the executable's SHA-256 and the structure of its outputs) and the serialized executable;
     one that fails to load (damaged, foreign) costs a compile, never the run. On a CPU loading
@@ -516,8 +528,8 @@ class SharedLayers:
         self.store = store
         self.target = target
         env = [
-            FORMAT, target.platform, target.device_kind, jax.__version__, jaxlib_version,
-            code_digest(),
+            FORMAT, target.platform, target.device_kind, target.instruction_set,
+            jax.__version__, jaxlib_version, code_digest(),
         ]  # fmt: skip
         digest = hashlib.sha256(json.dumps(env).encode()).hexdigest()[:16]
         self.folder = f"programs/layers-{digest}"

@@ -201,6 +201,34 @@ def test_programs_are_shared_only_between_workers_with_the_same_code(tmp_path, m
     assert P.SharedLayers(store, target).folder != folder.folder
 
 
+def test_cpu_programs_are_shared_only_between_hosts_with_the_same_instruction_set(
+    tmp_path, monkeypatch
+):
+    """An executable compiled on an AVX-512 host must not reach a host without AVX-512 through
+    the store; flags that code generation does not use do not keep hosts apart."""
+    from evojax_nas import conv as C
+    from evojax_nas import programs as P
+
+    layout, store = Layout.of(tiny_dataset()), open_store(str(tmp_path / "run"))
+    avx2 = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2".split())
+    keys = {}
+    for name, flags in {
+        "avx2": avx2,
+        "avx2, other flags": avx2 | {"hypervisor", "smep", "rdrand", "constant_tsc"},
+        "avx512": avx2 | {"avx512f", "avx512bw", "avx512_vnni"},
+    }.items():
+        monkeypatch.setattr(C, "host_cpu_flags", lambda flags=flags: flags)
+        target = P.Target("cpu", "cpu")
+        keys[name] = (
+            P.program_key(one_conv(), layout, CONFIG, target),
+            P.SharedLayers(store, target).folder,
+        )
+    assert keys["avx2"] == keys["avx2, other flags"]
+    assert keys["avx512"][0] != keys["avx2"][0] and keys["avx512"][1] != keys["avx2"][1]
+    # A TPU compiled for from a CPU host does not depend on the host's CPU.
+    assert P.Target("tpu", "TPU v4", compile_only=True).instruction_set == ""
+
+
 def test_blob_store_operations_are_create_only_and_bounded(tmp_path):
     store = open_store(str(tmp_path / "run"))
     store.write_blob("programs/abc/x.bin", b"12345")
