@@ -49,8 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "jax" not in sys.modules:  # JAX reads JAX_PLATFORMS when imported; workers inherit it
-        os.environ.update(devices.cpu_only_environment())
+    devices.apply_cpu_only_environment()
     parser = build_parser()
     if not argv:
         argv = ["evolve"]  # the default job

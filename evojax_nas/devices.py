@@ -137,6 +137,17 @@ def cpu_only_environment(
     return {"JAX_PLATFORMS": "cpu"}
 
 
+def apply_cpu_only_environment() -> dict[str, str]:
+    """Sets `cpu_only_environment()` in this process's environment, if JAX is not imported yet
+    (JAX reads JAX_PLATFORMS when imported; processes started from here inherit it): the
+    command line and the benchmark scripts call it first. Returns what it set."""
+    if "jax" in sys.modules:
+        return {}
+    env = cpu_only_environment()
+    os.environ.update(env)
+    return env
+
+
 def _count_nvidia(proc: str) -> tuple[int, str]:
     gpus = os.path.join(proc, "driver", "nvidia", "gpus")
     if os.path.isdir(gpus) and os.listdir(gpus):

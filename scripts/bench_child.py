@@ -437,6 +437,9 @@ def print_concurrent(out: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from evojax_nas.devices import apply_cpu_only_environment
+
+    apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
     args = parse_args(argv)
     if args.second_worker:
         print(json.dumps(second_worker(args.second_worker)))

@@ -167,6 +167,9 @@ def report(res: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from evojax_nas.devices import apply_cpu_only_environment
+
+    apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
     args = parse_args(argv)
     res = bench(args)
     if args.json:

@@ -757,6 +757,9 @@ def print_summary(out: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from evojax_nas.devices import apply_cpu_only_environment
+
+    apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
     args = parse_args(argv)
     for flag, measure, show in (
         (args.compare_options, compare_options, print_options),

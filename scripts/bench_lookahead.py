@@ -161,6 +161,9 @@ def summarise(rounds: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    from evojax_nas.devices import apply_cpu_only_environment
+
+    apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
     args = parse_args(argv)
     if args.replay_worker is not None:
         import jax

@@ -109,6 +109,9 @@ def bench(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from evojax_nas.devices import apply_cpu_only_environment
+
+    apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
     args = parse_args(argv)
     out = bench(args)
     if args.json:

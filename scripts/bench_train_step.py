@@ -233,6 +233,9 @@ def report(net: str, variants: list[Timed], steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evojax_nas.devices import apply_cpu_only_environment
+
+    apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
     args = parse_args(argv)
     if args.xla_flags is not None:
         # XLA reads its flags once, when the backend starts: this must precede any JAX work.

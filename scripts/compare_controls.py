@@ -35,11 +35,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evojax_nas.compare import compare
-from evojax_nas.config import from_dict, load_config
-from evojax_nas.plots import STYLES
-from evojax_nas.runner import evolve
-from evojax_nas.store import open_store
+from evojax_nas.devices import apply_cpu_only_environment
+
+apply_cpu_only_environment()  # before JAX is imported: no libtpu warnings on a CPU host
+
+from evojax_nas.compare import compare  # noqa: E402
+from evojax_nas.config import from_dict, load_config  # noqa: E402
+from evojax_nas.plots import STYLES  # noqa: E402
+from evojax_nas.runner import evolve  # noqa: E402
+from evojax_nas.store import open_store  # noqa: E402
 
 GROUPS = {  # name -> config changes
     "evolution": {"selection": "tournament", "inheritance": True},
