@@ -16,7 +16,6 @@ from jax import lax
 
 from evojax_nas import conv as C
 from evojax_nas import dna as dna_lib
-from evojax_nas import xla_backend
 from evojax_nas.model import DNANet, init_variables, variable_shapes
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -232,9 +231,7 @@ def test_net_gradient_accuracy_against_float64():
 
 def test_compiler_options_follow_the_target(monkeypatch):
     """Whole programs: on any CPU, Eigen convolutions and YNNPACK dots and reductions; nothing
-    elsewhere. Layer programs: XLA's YNNPACK convolutions on an AVX-512 CPU."""
-    from evojax_nas import layerwise
-
+    elsewhere. (Layer programs' options: tests/test_layerwise.py.)"""
     for flags in ({"avx2", "fma"}, {"avx2", "avx512f"}):
         monkeypatch.setattr(C, "host_cpu_flags", lambda flags=flags: frozenset(flags))
         assert C.compiler_options("cpu") == {
@@ -243,12 +240,3 @@ def test_compiler_options_follow_the_target(monkeypatch):
             )
         }
         assert C.compiler_options("tpu") == {} and C.compiler_options("gpu") == {}
-        assert layerwise.compiler_options("tpu") == {}
-    monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert layerwise.compiler_options("cpu") == {
-        **C.compiler_options("cpu"),
-        "xla_cpu_use_fusion_emitters": False,
-        xla_backend.EXTRA_OPTIONS: "xla_cpu_disable_loop_unrolling",
-    }
-    monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert layerwise.compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}

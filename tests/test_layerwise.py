@@ -216,14 +216,21 @@ def test_layer_programs_compile_with_their_options_and_train_as_before(data):
 
 
 def test_loop_unrolling_is_turned_off_only_on_cpus_without_avx512(monkeypatch):
+    """Layer programs: the legacy fusion emitters everywhere on a CPU; without AVX-512 also the
+    whole programs' options and no loop unrolling, with AVX-512 XLA's YNNPACK convolutions."""
+    from evojax_nas import conv
+
     monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    options = layerwise.compiler_options("cpu")
-    assert options[xla_backend.EXTRA_OPTIONS] == "xla_cpu_disable_loop_unrolling"
-    assert options["xla_cpu_use_fusion_emitters"] is False
+    assert layerwise.compiler_options("cpu") == {
+        **conv.compiler_options("cpu"),
+        "xla_cpu_use_fusion_emitters": False,
+        xla_backend.EXTRA_OPTIONS: "xla_cpu_disable_loop_unrolling",
+    }
     monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     options = layerwise.compiler_options("cpu")
-    assert xla_backend.EXTRA_OPTIONS not in options
+    assert options == {"xla_cpu_use_fusion_emitters": False}
     assert options == layerwise.options_before_backend_options("cpu")
+    assert layerwise.compiler_options("tpu") == {}
     monkeypatch.setattr(layerwise, "host_cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(xla_backend, "install", lambda: False)  # another JAX: left out
     assert xla_backend.EXTRA_OPTIONS not in layerwise.compiler_options("cpu")
