@@ -15,7 +15,7 @@ Three things decide the speed of a training step's convolutions on XLA:CPU (jaxl
       dW = conv(x as (C, H, W, N), dy as (Ho, Wo, N, O))          canonical, batch contracted
   and a 1x1 convolution is a matmul (after a strided slice for its stride) all the way through.
   A strided dx runs as stride**2 phase convolutions instead (`_strided_input_grad`): the
-  dilated dy is mostly zeros, which Eigen multiplies (bench_conv4's step 1.10-1.13x faster).
+  dilated dy is mostly zeros, which Eigen multiplies (bench_conv4's step 1.10-1.16x faster).
 - Few channels: a convolution with few multiply-adds per output pixel, or few input channels,
   runs as a sum of shifted, scaled copies of its input (`uses_tap_sum`).
 
