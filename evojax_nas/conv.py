@@ -79,9 +79,15 @@ CODEGEN_FLAG_PREFIXES = (
 
 def host_instruction_set() -> str:
     """The code-generation features of this host's CPU, sorted and comma-joined: what a CPU
-    executable compiled here may need of the host that runs it."""
-    flags = (f for f in host_cpu_flags() if f.startswith(CODEGEN_FLAG_PREFIXES))
-    return ",".join(sorted(f for f in flags if f != "smep"))  # smep: x86 kernel protection
+    executable compiled here may need of the host that runs it (part of every CPU program's
+    key, so computed once per set of flags)."""
+    return _instruction_set(host_cpu_flags())
+
+
+@functools.cache
+def _instruction_set(flags: frozenset[str]) -> str:
+    codegen = (f for f in flags if f.startswith(CODEGEN_FLAG_PREFIXES))
+    return ",".join(sorted(f for f in codegen if f != "smep"))  # smep: x86 kernel protection
 
 
 # XLA:CPU's option that names the operations it hands to its YNNPACK library fusions.
