@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
-from evojax_nas.conv import Conv, resolve_impl
+from evojax_nas.conv import Conv, relu_for, resolve_impl
 from evojax_nas.dna import DNA
 
 BN_MOMENTUM = 0.9
@@ -68,7 +68,8 @@ class DNANet(nn.Module):
     """A classifier whose graph is the DNA's; `train` selects batch statistics for BN.
 
     `conv_impl` picks the convolution (`evojax_nas.conv.IMPLS`; "auto" resolves per backend
-    at trace time); every implementation has the same variables.
+    at trace time) and the ReLU that suits it (`conv.relu_for`: the same values); every
+    implementation has the same variables.
     """
 
     dna: DNA
@@ -93,7 +94,7 @@ class DNANet(nn.Module):
                     epsilon=BN_EPSILON,
                     name=bn_name(vid),
                 )(h)
-                h = nn.relu(h)
+                h = relu_for(self.conv_impl)(h)
             acts[vid] = h
         pooled = jnp.mean(acts[arch.output_id], axis=(1, 2))
         return nn.Dense(self.dna.num_classes, name=OUTPUT)(pooled)

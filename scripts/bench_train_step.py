@@ -8,7 +8,8 @@ fp32, SGD with momentum, weight decay, BN+ReLU after every convolution. Ours is 
 through `train.compile_programs` and the compiled step, exactly as evolution runs it (with
 CIFAR augmentation inside the step); each `--impls` entry is a `TrainConfig.conv_impl`
 ("xla-default": XLA's own convolution with XLA's default options, i.e. before conv.py;
-"custom-dilated": ours with a strided input gradient as one dilated convolution, as before).
+"custom-dilated": ours with a strided input gradient as one dilated convolution, as before;
+"custom-maxrelu": ours with `jax.nn.relu` instead of `conv.stored_relu`, as before).
 The baseline is PyTorch eager, channels_last, built from the same DNA (random flip only: its
 augmentation costs are negligible next to the convolutions); it is skipped when torch is not
 importable (it is not a dependency: `pip install torch==2.13.0 --index-url
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="conv_impl values; NAME-default compiles with XLA's default options (no "
         "conv.compiler_options), as before the custom convolution; custom-dilated computes a "
         "strided layer's input gradient as one dilated convolution (conv.uses_phases off), as "
-        "before 2026-11-30",
+        "before 2026-11-30; custom-maxrelu uses jax.nn.relu (as before conv.stored_relu)",
     )
     p.add_argument("--steps", type=int, default=None, help="steps per repeat (conv4 10, conv8 3)")
     p.add_argument("--repeats", type=int, default=3)
@@ -83,13 +84,14 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
     import jax
 
     from evojax_nas import conv as conv_lib
+    from evojax_nas import model as model_lib
     from evojax_nas import programs as programs_lib
     from evojax_nas.model import init_variables
     from evojax_nas.programs import Layout, Target, chunk_length, compile_programs
     from evojax_nas.train import TrainConfig, TrainState, input_pipeline
     from evojax_nas.train import make_optimizer as optimizer
 
-    conv_impl = impl.removesuffix("-default").removesuffix("-dilated")
+    conv_impl = impl.removesuffix("-default").removesuffix("-dilated").removesuffix("-maxrelu")
     per_call = max(1, min(100, steps_hint))  # chunks as long as the timed runs: no waste
     config = TrainConfig(
         steps=steps_hint, batch_size=50, conv_impl=conv_impl, steps_per_dispatch=per_call
@@ -99,9 +101,11 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
     t1 = time.perf_counter()
     options = programs_lib.compiler_options if not impl.endswith("-default") else (lambda *_: {})
     phases = conv_lib.uses_phases if not impl.endswith("-dilated") else (lambda *_: False)
+    relu_for = model_lib.relu_for if not impl.endswith("-maxrelu") else (lambda _: jax.nn.relu)
     with (
         mock.patch.object(programs_lib, "compiler_options", options),
         mock.patch.object(conv_lib, "uses_phases", phases),
+        mock.patch.object(model_lib, "relu_for", relu_for),
     ):
         layout = Layout.of(dataset)
         programs, _ = compile_programs(dna, layout, config, Target.local())
@@ -219,17 +223,25 @@ def TorchNet(dna, torch):  # noqa: N802 - builds a class only when torch is ther
 
 def report(net: str, variants: list[Timed], steps: int) -> None:
     print(f"\n{net}: {variants[0].flops / 1e9:.2f} GFLOP per train step (XLA cost analysis)")
-    print(f"  {'variant':<16} {'min s/step':>10} {'median':>8} {'GFLOP/s':>8}  torch/ours")
+    first = variants[0]
+    print(
+        f"  {'variant':<20} {'min s/step':>10} {'median':>8} {'GFLOP/s':>8}  torch/ours"
+        f"{'':<19}{first.name}/ours"
+    )
     baseline = next((v for v in variants if v.name.startswith("torch")), None)
+
+    def paired(a: Timed, b: Timed) -> str:  # a's time / b's, per repeat: the same load
+        pairs = [ta / tb for ta, tb in zip(a.times, b.times, strict=True)]
+        return f"{statistics.median(pairs):.2f} (min/min {min(a.times) / min(b.times):.2f})"
+
     for v in variants:
         per = [t / steps for t in v.times]
         lo, med = min(per), statistics.median(per)
-        ratio = ""
-        if baseline is not None and v is not baseline:
-            b = [t / steps for t in baseline.times]
-            pairs = sorted(bt / t for bt, t in zip(b, per, strict=True))  # pairwise: same load
-            ratio = f"{statistics.median(pairs):.2f} (min/min {min(b) / lo:.2f})"
-        print(f"  {v.name:<16} {lo:>10.4f} {med:>8.4f} {v.flops / lo / 1e9:>8.1f}  {ratio}")
+        ratio = paired(baseline, v) if baseline is not None and v is not baseline else ""
+        mine = paired(first, v) if v is not first and v is not baseline else ""
+        print(
+            f"  {v.name:<20} {lo:>10.4f} {med:>8.4f} {v.flops / lo / 1e9:>8.1f}  {ratio:<28} {mine}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

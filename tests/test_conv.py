@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from importlib import resources
 
 import flax.linen as nn
@@ -133,6 +134,47 @@ def test_resolve_impl():
     assert C.resolve_impl("xla", "cpu") == "xla"
     with pytest.raises(ValueError, match="unknown convolution"):
         C.resolve_impl("winograd")
+
+
+def test_stored_relu_is_jax_relu():
+    x = np.concatenate(
+        [
+            np.array([-np.inf, -2.0, -0.0, 0.0, 1e-30, 3.0, np.inf, np.nan], np.float32),
+            np.random.default_rng(0).standard_normal(64).astype(np.float32),
+        ]
+    )
+    got, want = np.asarray(C.stored_relu(x)), np.asarray(jax.nn.relu(x))
+    np.testing.assert_array_equal(got, want)  # NaN where NaN
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # relu(-0.0) is +0.0
+    finite = x[np.isfinite(x)]
+    dgot = jax.grad(lambda v: jnp.sum(C.stored_relu(v) * 2.0))(finite)
+    dwant = jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * 2.0))(finite)
+    np.testing.assert_array_equal(np.asarray(dgot), np.asarray(dwant))  # 0 at 0
+    assert C.relu_for("custom") is C.stored_relu and C.relu_for("xla") is jax.nn.relu
+
+
+def _kernel_gradient_transpose_operands(relu) -> list[str]:
+    """Operands of the fusion that lays BN+ReLU's output out as (C, H, W, N) for the kernel
+    gradient, in the compiled gradient of a BN-like affine map, a ReLU and `conv2d`."""
+
+    def loss(w, x, a, b):
+        return jnp.sum(C.conv2d(relu(x * a + b), w, 1) ** 2)
+
+    x = jnp.zeros((4, 8, 8, 16))
+    args = (jnp.zeros((3, 3, 16, 16)), x, jnp.ones((16,)), jnp.zeros((16,)))
+    text = jax.jit(jax.grad(loss)).lower(*args).compile(C.compiler_options()).as_text()
+    pattern = re.compile(r"= f32\[16,8,8,4\]\{3,2,1,0\} fusion\(")
+    lines = [ln for ln in text.splitlines() if pattern.search(ln)]
+    assert len(lines) == 1, lines
+    return re.search(r"fusion\(([^)]*)\)", lines[0]).group(1).split(", ")
+
+
+def test_kernel_gradient_transposes_the_stored_activation():
+    """With `stored_relu` the transpose reads one array, the activation the forward convolution
+    read; with `jax.nn.relu` XLA:CPU recomputes the affine map and the ReLU inside it (from x,
+    a and b), element by element in the transposed order (`conv.stored_relu`)."""
+    assert len(_kernel_gradient_transpose_operands(C.stored_relu)) == 1
+    assert len(_kernel_gradient_transpose_operands(jax.nn.relu)) == 3
 
 
 def _sample(name: str) -> dna_lib.DNA:
