@@ -22,6 +22,13 @@ A step, for a DNA resolved by `evojax_nas.architecture`:
   the update of its own parameters (`steps.make_optimizer`: SGD with momentum 0.9, weight decay
   on convolution kernels only), and one more call per fan-out to sum gradients.
 
+Depths above 4 are padded with zero channels to a multiple of 8 inside the layer programs
+(`CHANNEL_PADDING`, `stored_depths`): a vertex that merges a deeper input zeroes the channels
+beyond its own depth (`_merge`), so every padded channel of every activation, variable, momentum
+and gradient stays exactly zero, and architectures whose depths differ by a few channels share
+their programs. Variables go in and come out in their true shapes (padded and cut on the host,
+which compiles nothing).
+
 Evaluation runs the training step's forward programs, BN+ReLU in eval mode (the running
 averages; the mode is a runtime argument of one program), on the evaluation batch cut into
 parts of the training batch size where it divides: besides a cut and the head's count it
@@ -41,6 +48,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from evojax_nas import xla_backend
@@ -76,6 +84,18 @@ CPU_LAYER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 # (README, "Layer-wise training"). Newer XLA turns LLVM's unrolling off itself on AVX2 hosts
 # without AVX-512. Not measured with AVX-512, so left as it was there.
 CPU_LAYER_BACKEND_OPTIONS = ("xla_cpu_disable_loop_unrolling",)
+
+
+# (multiple, above): layer programs hold activations and variables with depths above `above`
+# padded with zero channels to a multiple of `multiple` (`stored_depths`), so architectures
+# whose depths differ by a few channels share their layer programs. Over the three 10-minute
+# default jobs of session 15 this leaves 649 / 921 / 307 distinct layer signatures of 878 /
+# 1,124 / 307 (`python scripts/bench_layerwise.py --run RUN --limit 100000 --signatures`), and
+# trains as fast: 0.99x / 1.00x the unpadded training seconds on two windows of a run
+# (`--compare-options padding`, README "Layer-wise training"). Depths 1-4 stay as they are: the
+# few-channel convolutions at full resolution that early architectures are made of cost several
+# times more when padded to 8 (all depths padded: compiling 2.03x faster, training 0.73x).
+CHANNEL_PADDING = (8, 4)
 
 
 def compiler_options(platform: str | None = None) -> dict[str, Any]:
@@ -253,26 +273,39 @@ def conv_bwd(impl: str, stride: int, need_dx: bool, momentum: float, decay: floa
     return f
 
 
+def _merge(ins, depth):
+    """`model.resolve_inputs` in the primary input's padded depth, channels from the vertex's
+    true `depth` on zeroed (a runtime scalar: an input deeper than the vertex, truncated to the
+    padded depth only, would leave its extra channels there); one input passes through."""
+    h = resolve_inputs(ins[0], ins[1:])
+    if len(ins) == 1:
+        return h
+    return jnp.where(jnp.arange(h.shape[-1]) < depth, h, 0.0)
+
+
 def vertex_fwd(n_in: int, has_bn: bool) -> Callable:
     """A vertex's forward, for training and evaluation alike: with BN, its last argument says
     which mode (one program instead of two; evaluation runs at the training batch size)."""
 
-    def f(*args):  # inputs..., [scale, bias, mean, var, train]
-        h = resolve_inputs(args[0], args[1:n_in])
+    def f(*args):  # inputs..., [depth if several inputs], [scale, bias, mean, var, train]
+        k = n_in + (n_in > 1)
+        h = _merge(args[:n_in], args[n_in] if n_in > 1 else None)
         if not has_bn:
             return h
-        return _bn_relu(h, *args[n_in:-1], train=args[-1])
+        return _bn_relu(h, *args[k:-1], train=args[-1])
 
     return f
 
 
 def vertex_bwd(n_in: int, has_bn: bool, momentum: float) -> Callable:
-    def f(*args):  # inputs..., [scale, bias, m_scale, m_bias], dy, lr
+    def f(*args):  # inputs..., [depth if several inputs], [scale, bias, m_scale, m_bias], dy, lr
         ins, dy, lr = args[:n_in], args[-2], args[-1]
-        h, vjp = jax.vjp(lambda ins: resolve_inputs(ins[0], ins[1:]), tuple(ins))
+        depth = args[n_in] if n_in > 1 else None
+        h, vjp = jax.vjp(lambda ins: _merge(ins, depth), tuple(ins))
         if not has_bn:
             return tuple(vjp(dy)[0])
-        scale, bias, m_scale, m_bias = args[n_in : n_in + 4]
+        k = n_in + (n_in > 1)
+        scale, bias, m_scale, m_bias = args[k : k + 4]
         dh, dscale, dbias = _bn_relu_vjp(h, scale, bias, dy)
         scale, m_scale = _sgd(scale, dscale, m_scale, lr, momentum, 0.0)
         bias, m_bias = _sgd(bias, dbias, m_bias, lr, momentum, 0.0)
@@ -343,6 +376,40 @@ def split(count: int) -> Callable:
 
 # ---------------------------------------------------------------------------------- the driver
 
+
+def stored_depths(arch, padding: tuple[int, int]) -> dict[int, int]:
+    """Vertex ID → the channels its activation array has: a convolution's output is padded with
+    zero channels to a multiple of `multiple`, a vertex stores its primary input's depth, the
+    input vertex the data's. Every extra channel of every activation, variable, momentum and
+    gradient is exactly zero throughout training, so the true channels compute what unpadded
+    programs compute (to float rounding), while architectures whose depths differ by a few
+    channels share their layer programs (`CHANNEL_PADDING`)."""
+    multiple, above = padding
+    first = arch.order[0]
+    width = {first: arch.shapes[first].depth}
+    for vid in arch.order[1:]:
+        primary, depth = arch.inputs[vid][0], arch.shapes[vid].depth
+        if not primary.is_conv:
+            width[vid] = width[primary.src]
+        elif depth > above:
+            width[vid] = -(-depth // multiple) * multiple
+        else:
+            width[vid] = depth
+    return width
+
+
+def _stored_shape(arch, width: dict[int, int], name: tuple, shape) -> tuple[int, ...]:
+    """A variable's shape in padded channels (`stored_depths`)."""
+    _, module, leaf = name
+    if module == OUTPUT:
+        return (width[arch.output_id], shape[1]) if leaf == "kernel" else tuple(shape)
+    edge = arch.conv_modules.get(module)
+    if edge is not None:
+        return (*shape[:2], width[edge.src], width[edge.dst])
+    vid = next(v for v in arch.order if bn_name(v) == module)
+    return (width[vid],)
+
+
 # An instruction: (compiled program, or None for an alias; input slots; output slots).
 Instruction = tuple[Any, tuple[str, ...], tuple[str, ...]]
 
@@ -368,6 +435,7 @@ class LayerwiseNet:
         meta: tuple,
         ops: OpCache,
         sharding=None,
+        channel_padding: tuple[int, int] = CHANNEL_PADDING,
     ):
         arch = resolve(dna)
         self.train_ops: list[Instruction] = []
@@ -381,16 +449,29 @@ class LayerwiseNet:
             return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
         self._sds = sds
-        for (coll, module, leaf), shape in arch.variables.items():
+        width = stored_depths(arch, channel_padding)
+        self.padded: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # slot → true, stored
+        for name, shape in arch.variables.items():
+            coll, module, leaf = name
             slot = f"{coll}/{module}/{leaf}"
-            self.slots[slot] = (coll, module, leaf)
-            shapes[slot] = sds(shape)
+            self.slots[slot] = name
+            stored = _stored_shape(arch, width, name, shape)
+            shapes[slot] = sds(stored)
             if coll == "params":
-                shapes["m:" + slot] = sds(shape)
+                shapes["m:" + slot] = sds(stored)
+            if stored != tuple(shape):
+                self.padded[slot] = (tuple(shape), stored)
+                if coll == "params":
+                    self.padded["m:" + slot] = self.padded[slot]
         shapes.update(lr=sds(()), bad=sds((), jnp.bool_), train=sds((), jnp.bool_))
         shapes.update(eval=shapes["train"], correct=sds((), jnp.int32))
         put = lambda v: jax.device_put(v, sharding)  # noqa: E731
         self._constants = {"train": put(True), "eval": put(False), "correct": put(jnp.int32(0))}
+        for vid in arch.order[1:]:  # a merging vertex's true depth (`_merge`)
+            if len(arch.inputs[vid]) > 1:
+                self._constants[f"depth{vid}"] = put(jnp.int32(arch.shapes[vid].depth))
+                shapes[f"depth{vid}"] = sds((), jnp.int32)
+        self._memo: dict[int, tuple[Any, Any]] = {}  # id(true-shaped array) → (it, padded)
 
         def emit(train: bool, compiled, ins, outs) -> None:
             (self.train_ops if train else self.eval_ops).append((compiled, tuple(ins), tuple(outs)))
@@ -428,7 +509,8 @@ class LayerwiseNet:
                     outs = [f"a{vid}", *(bn[2:4] if train else ["discard", "discard"])]
                 else:
                     outs = [f"a{vid}"]
-                op(train, vertex_fwd, (len(ins), has_bn), ins + bn, outs)
+                depth = [f"depth{vid}"] if len(ins) > 1 else []
+                op(train, vertex_fwd, (len(ins), has_bn), ins + depth + bn, outs)
             return aliases
 
         # ---- the training step
@@ -471,11 +553,12 @@ class LayerwiseNet:
                     else []
                 )
                 m = ["m:" + s for s in p]
+                depth = [f"depth{vid}"] if len(ins) > 1 else []
                 op(
                     True,
                     vertex_bwd,
                     (len(ins), has_bn, momentum),
-                    ins + p + m + [f"g:a{vid}", "lr"],
+                    ins + depth + p + m + [f"g:a{vid}", "lr"],
                     grads + p + m,
                 )
             for e, g in zip(edges, grads, strict=True):
@@ -542,15 +625,14 @@ class LayerwiseNet:
     def train_chunk(self, state: TrainState, xbs, ybs, n, lr) -> TrainState:
         """The first `n` of the prepared batches, one step each: `steps.make_train_chunk`'s
         contract (state, batches x, batches y, n, lr) -> state."""
-        env: dict[str, Any] = {}
+        env: dict[str, Any] = dict(self._constants)
         momenta = momentum_buffers(state.opt_state)
         for slot, (coll, module, leaf) in self.slots.items():
             tree = state.params if coll == "params" else state.batch_stats
-            env[slot] = tree[module][leaf]
+            env[slot] = self._pad(slot, tree[module][leaf])
             if coll == "params":
-                env["m:" + slot] = momenta[module][leaf]
+                env["m:" + slot] = self._pad("m:" + slot, momenta[module][leaf])
         env["bad"], env["lr"] = state.bad, jnp.asarray(lr, jnp.float32)
-        env["train"] = self._constants["train"]
         xs, ys = self._batches(xbs, ybs)
         for i in range(int(n)):
             env[self.input_slot], env["y"] = xs[i], ys[i]
@@ -558,19 +640,46 @@ class LayerwiseNet:
         params: dict = {}
         stats: dict = {}
         new_momenta: dict = {}
+        memo: dict[int, tuple[Any, Any]] = {}
         for slot, (coll, module, leaf) in self.slots.items():
-            (params if coll == "params" else stats).setdefault(module, {})[leaf] = env[slot]
+            names = [slot, "m:" + slot] if coll == "params" else [slot]
+            out = [self._unpad(s, env[s], memo) for s in names]
+            (params if coll == "params" else stats).setdefault(module, {})[leaf] = out[0]
             if coll == "params":
-                new_momenta.setdefault(module, {})[leaf] = env["m:" + slot]
+                new_momenta.setdefault(module, {})[leaf] = out[1]
+        self._memo = memo  # the next chunk, and evaluation, start from these arrays
         opt_state = with_momentum_buffers(state.opt_state, new_momenta)
         return TrainState(params, stats, opt_state, env["bad"])
 
+    def _pad(self, slot: str, x):
+        """A variable as its slot stores it: zeros beyond its true channels (`stored_depths`)."""
+        if slot not in self.padded:
+            return x
+        known = self._memo.get(id(x))
+        if known is not None and known[0] is x:
+            return known[1]
+        true, stored = self.padded[slot]
+        if tuple(np.shape(x)) != true:
+            raise ValueError(f"{slot}: shape {tuple(np.shape(x))}, the architecture's is {true}")
+        widths = [(0, s - d) for s, d in zip(stored, true, strict=True)]
+        # on the host: a device op would compile once per shape
+        return jax.device_put(np.pad(np.asarray(x), widths), self._sharding)
+
+    def _unpad(self, slot: str, x, memo: dict):
+        """A stored variable in its true shape; `memo` remembers the stored array for it."""
+        if slot not in self.padded:
+            return x
+        true = self.padded[slot][0]
+        cut = np.ascontiguousarray(np.asarray(x)[tuple(slice(0, d) for d in true)])
+        cut = jax.device_put(cut, self._sharding)
+        memo[id(cut)] = (cut, x)
+        return cut
+
     def eval_batch(self, params, batch_stats, x, y, mask):
         """Correct predictions in one evaluation batch: `steps.make_eval_step`'s contract."""
-        env: dict[str, Any] = {"eval": self._constants["eval"]}
-        env["correct"] = self._constants["correct"]
+        env: dict[str, Any] = dict(self._constants)
         for slot, (coll, module, leaf) in self.slots.items():
-            env[slot] = (params if coll == "params" else batch_stats)[module][leaf]
+            env[slot] = self._pad(slot, (params if coll == "params" else batch_stats)[module][leaf])
         parts = [(x, y, mask)] if self._cut is None else zip(*self._cut(x, y, mask), strict=True)
         for xp, yp, mp in parts:
             env.update({self.input_slot: xp, "y": yp, "mask": mp})
@@ -594,7 +703,15 @@ def with_momentum_buffers(opt_state, trace) -> Any:
     )
 
 
-def build(dna, layout, cfg, impl: str, ops: OpCache, sharding=None) -> LayerwiseNet:
+def build(
+    dna,
+    layout,
+    cfg,
+    impl: str,
+    ops: OpCache,
+    sharding=None,
+    channel_padding: tuple[int, int] = CHANNEL_PADDING,
+) -> LayerwiseNet:
     """The layer-wise net of `dna` for a data layout and training config (`programs.Layout`,
     `steps.TrainConfig`); compiles the signatures `ops` does not have yet."""
     return LayerwiseNet(
@@ -609,4 +726,5 @@ def build(dna, layout, cfg, impl: str, ops: OpCache, sharding=None) -> Layerwise
         meta=(layout.mean, layout.std, layout.augment),  # `Layout` holds them as tuples
         ops=ops,
         sharding=sharding,
+        channel_padding=channel_padding,
     )

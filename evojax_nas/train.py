@@ -171,7 +171,12 @@ def initial_state(variables: Variables, config: TrainConfig) -> TrainState:
     """The training state before the first step (fresh optimizer state), on the device."""
     params = jax.device_put(variables["params"])
     stats = jax.device_put(variables["batch_stats"])
-    return TrainState(params, stats, make_optimizer(config).init(params), jnp.asarray(False))
+    # optax's `init` makes its zeros with one device op per new shape, each a compile (~35 ms
+    # on 2 cores): every new architecture paid them. The same zeros made on the host compile
+    # nothing (tests/test_train.py checks they are optax's state).
+    shapes = jax.eval_shape(make_optimizer(config).init, params)
+    opt_state = jax.device_put(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    return TrainState(params, stats, opt_state, jnp.asarray(False))
 
 
 def run_training(

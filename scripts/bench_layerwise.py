@@ -7,6 +7,8 @@
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 80 --second-worker
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100 --layers-only
     .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100000 --by-op
+    .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100000 --signatures
+    .venv/bin/python scripts/bench_layerwise.py --run RUN_DIR --limit 100 --compare-options padding
 
 With `train_impl: "whole"` a worker compiles two whole programs per new architecture
 (`programs.compile_programs`: a chunk of training steps and an evaluation batch). This benchmark
@@ -121,9 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compare-options",
         nargs="?",
         const="unrolling",
-        choices=("unrolling", "emitters"),
+        choices=("unrolling", "emitters", "padding"),
         help="layer-wise only: its XLA options now against those before the last change "
-        "(unrolling, the default: LLVM loop unrolling on) or before the legacy fusion emitters",
+        "(unrolling, the default: LLVM loop unrolling on) or before the legacy fusion emitters; "
+        "or its channel padding against none (padding)",
     )
     p.add_argument(
         "--second-worker",
@@ -141,6 +144,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="every distinct layer signature compiled afresh, one by one: trace, lower and "
         "compile milliseconds by operation (where compiling goes; nothing is trained)",
+    )
+    p.add_argument(
+        "--signatures",
+        action="store_true",
+        help="distinct layer signatures of the architectures, with channel padding and without "
+        "(nothing is compiled or trained: seconds for a whole run)",
+    )
+    p.add_argument(
+        "--channel-padding",
+        metavar="MULTIPLE,ABOVE",
+        help="layer-wise: pad depths above ABOVE to a multiple of MULTIPLE instead of "
+        "`layerwise.CHANNEL_PADDING` (1,0: none)",
     )
     p.add_argument("--tiny", action="store_true", help="a few tiny architectures (the test)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -206,12 +221,12 @@ def run_dnas(root: str) -> tuple[list, float]:
 class Bench:
     """Both paths over one data layout: the whole-program path and the layer-wise driver."""
 
-    def __init__(self, dataset: str, steps: int, seed: int):
+    def __init__(self, dataset: str, steps: int, seed: int, padding: str | None = None):
         import jax
         import numpy as np
 
         from evojax_nas.conv import resolve_impl
-        from evojax_nas.layerwise import OpCache, compiler_options
+        from evojax_nas.layerwise import CHANNEL_PADDING, OpCache, compiler_options
         from evojax_nas.programs import Layout, Target, chunk_length
         from evojax_nas.steps import TrainConfig
 
@@ -222,6 +237,9 @@ class Bench:
         self.impl = resolve_impl(self.cfg.conv_impl, self.target.platform)
         self.options = compiler_options(self.target.platform)
         self.cache = OpCache(self.options)
+        self.channel_padding = CHANNEL_PADDING
+        if padding:
+            self.channel_padding = tuple(int(x) for x in padding.split(","))
         self.image = spec["train"][1:]
         rng = np.random.default_rng(seed)
         k, b = chunk_length(self.layout, self.cfg), self.cfg.batch_size
@@ -243,7 +261,9 @@ class Bench:
         from evojax_nas import layerwise
 
         cache = cache if cache is not None else self.cache
-        return layerwise.build(dna, self.layout, self.cfg, self.impl, cache)
+        return layerwise.build(
+            dna, self.layout, self.cfg, self.impl, cache, channel_padding=self.channel_padding
+        )
 
     def chunks(self, steps: int) -> list[int]:
         """The chunk lengths `train.run_training` runs: at most `chunk_length`, per epoch."""
@@ -384,7 +404,7 @@ def bench(args) -> dict:
     new_fraction = args.new_fraction
     for fallback in (run_fraction, CAMPAIGN_NEW_FRACTION):
         new_fraction = fallback if new_fraction is None else new_fraction
-    b = Bench(args.dataset, args.steps, args.seed)
+    b = Bench(args.dataset, args.steps, args.seed, args.channel_padding)
     rows = []
     for i, dna in enumerate(dnas):
         dna = D.for_data(dna, 1, 10)
@@ -445,19 +465,23 @@ def compare_options(args) -> dict:
     from evojax_nas.model import init_variables
 
     dnas, source, _ = _sequence(args)
-    b = Bench(args.dataset, args.steps, args.seed)
+    b = Bench(args.dataset, args.steps, args.seed, args.channel_padding)
     before_options = {
         "unrolling": layerwise.options_before_backend_options,
         "emitters": layerwise.options_before_legacy_emitters,
+        "padding": layerwise.compiler_options,
     }[args.compare_options]
     options = {"now": b.options, "before": before_options(b.target.platform)}
+    multiples = {"now": b.channel_padding, "before": b.channel_padding}
+    if args.compare_options == "padding":
+        multiples["before"] = (1, 0)
     caches = {name: OpCache(opts) for name, opts in options.items()}
     totals = {name: {"compile": 0.0, "train": 0.0, "eval": 0.0, "correct": 0} for name in caches}
     for i, dna in enumerate(dnas):
         dna = D.for_data(dna, 1, 10)
         variables = init_variables(dna, jax.random.fold_in(b.key, i))
         for name in ("now", "before") if i % 2 == 0 else ("before", "now"):
-            b.cache = caches[name]
+            b.cache, b.channel_padding = caches[name], multiples[name]
             row = b.layerwise(dna, variables)
             t = totals[name]
             t["compile"] += row["compile_new_signatures"]
@@ -474,7 +498,9 @@ def compare_options(args) -> dict:
         "architectures": len(dnas),
         "steps": args.steps,
         "signatures": len(caches["now"]),
+        "signatures_before": len(caches["before"]),
         "compared": args.compare_options,
+        "channel_padding": multiples,
         "options": {k: {o: str(v) for o, v in opts.items()} for k, opts in options.items()},
         "totals": totals,
         "ratio_before_over_now": ratio,
@@ -495,7 +521,7 @@ def layers_only(args) -> dict:
     from evojax_nas.model import init_variables
 
     dnas, source, _ = _sequence(args)
-    b = Bench(args.dataset, args.steps, args.seed)
+    b = Bench(args.dataset, args.steps, args.seed, args.channel_padding)
     totals = {"compile": 0.0, "train": 0.0, "eval": 0.0, "correct": 0}
     for i, dna in enumerate(dnas):
         dna = D.for_data(dna, 1, 10)
@@ -552,10 +578,17 @@ def by_op(args) -> dict:
     from evojax_nas import layerwise
 
     dnas, source, _ = _sequence(args)
-    b = Bench(args.dataset, args.steps, args.seed)
+    b = Bench(args.dataset, args.steps, args.seed, args.channel_padding)
     recorder = SignatureRecorder()
     for dna in dnas:
-        layerwise.build(D.for_data(dna, 1, 10), b.layout, b.cfg, b.impl, recorder)
+        layerwise.build(
+            D.for_data(dna, 1, 10),
+            b.layout,
+            b.cfg,
+            b.impl,
+            recorder,
+            channel_padding=b.channel_padding,
+        )
     ops: dict = {}
     was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
@@ -606,6 +639,44 @@ def print_by_op(out: dict) -> None:
     print("load average " + " ".join(f"{x:.2f}" for x in out["load_average"]))
 
 
+def signatures(args) -> dict:
+    """Distinct layer signatures of the architectures with `--channel-padding` (default
+    `layerwise.CHANNEL_PADDING`) and without any, by operation: nothing compiles."""
+    import jax
+
+    from evojax_nas import dna as D
+    from evojax_nas import layerwise
+
+    dnas, source, _ = _sequence(args)
+    b = Bench(args.dataset, args.steps, args.seed, args.channel_padding)
+    counts = {}
+    for name, padding in (("padded", b.channel_padding), ("unpadded", (1, 0))):
+        recorder = SignatureRecorder()
+        for dna in dnas:
+            dna = D.for_data(dna, 1, 10)
+            layerwise.build(dna, b.layout, b.cfg, b.impl, recorder, channel_padding=padding)
+        by_name: dict = {}
+        for sig in recorder.signatures:
+            by_name[sig[0]] = by_name.get(sig[0], 0) + 1
+        counts[name] = {"total": len(recorder.signatures), "by_op": by_name}
+    return {
+        "source": source,
+        "architectures": len(dnas),
+        "channel_padding": b.channel_padding,
+        "signatures": counts,
+        "agree": True,  # nothing to compare
+        "jax": jax.__version__,
+    }
+
+
+def print_signatures(out: dict) -> None:
+    multiple, above = out["channel_padding"]
+    print(f"{out['architectures']} architectures ({out['source']}): distinct layer signatures")
+    for name, c in out["signatures"].items():
+        how = f"depths above {above} padded to a multiple of {multiple}" if name == "padded" else ""
+        print(f"  {name:<9} {c['total']:5d}  {how}  {c['by_op']}")
+
+
 def second_worker(args) -> dict:
     """A first worker compiles the layer programs of the architectures into a run's store; a
     second (cold) worker loads them from there: seconds, counts and bytes of both."""
@@ -620,7 +691,7 @@ def second_worker(args) -> dict:
     from evojax_nas.store import open_store
 
     dnas, source, _ = _sequence(args)
-    b = Bench(args.dataset, args.steps, args.seed)
+    b = Bench(args.dataset, args.steps, args.seed, args.channel_padding)
     workers: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-layers-") as tmp:
         store = open_store(tmp)
@@ -710,8 +781,9 @@ def print_row(row: dict, steps: int) -> None:
 def print_options(out: dict) -> None:
     print(
         f"{out['architectures']} architectures ({out['source']}), {out['steps']} steps each, "
-        f"{out['signatures']} layer signatures; options now {out['options']['now']}, before "
-        f"{out['options']['before']}"
+        f"{out['signatures']} layer signatures ({out['signatures_before']} before); options now "
+        f"{out['options']['now']}, before {out['options']['before']}; channel multiple now "
+        f"{out['channel_padding']['now']}, before {out['channel_padding']['before']}"
     )
     for name, t in out["totals"].items():
         print(
@@ -766,6 +838,7 @@ def main(argv=None) -> int:
         (args.second_worker, second_worker, print_second_worker),
         (args.layers_only, layers_only, print_layers_only),
         (args.by_op, by_op, print_by_op),
+        (args.signatures, signatures, print_signatures),
     ):
         if flag:
             out = measure(args)

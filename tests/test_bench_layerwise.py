@@ -102,3 +102,49 @@ def test_tiny_run_times_compiling_by_operation(capsys):
     assert all(r["trace"] > 0 and r["lower"] > 0 and r["compile"] > 0 for r in ops.values())
     total = sum(r["trace"] + r["lower"] + r["compile"] for r in ops.values())
     assert abs(res["seconds"] - total) < 1e-6
+
+
+def _fake_run(root, depth_pairs) -> str:
+    """A run directory whose children are input → conv (a) → BN+ReLU → conv (b) → output."""
+    import json
+
+    from evojax_nas import dna as D
+
+    V, E = D.Vertex, D.Edge
+    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
+    for i, (a, b) in enumerate(depth_pairs):
+        dna = D.DNA(
+            vertices=(V(0, "linear", "input"), V(1, "bn_relu"), V(2, "linear", "output")),
+            edges=(E(3, 0, 1, depth_factor=a, **conv), E(4, 1, 2, depth_factor=b / a, **conv)),
+            learning_rate=0.05,
+            input_channels=1,
+            num_classes=10,
+            next_id=5,
+        )
+        ind = root / "inds" / f"w000-e{i:06d}"
+        ind.mkdir(parents=True)
+        (ind / "dna.json").write_text(D.to_json(D.validate(dna)))
+        (ind / "record.json").write_text(json.dumps({"born": 1000.0 + i}))
+    return str(root)
+
+
+def test_padding_channels_leaves_fewer_signatures_and_the_same_answers(tmp_path, capsys):
+    """Depths 5-8 share their layer programs once padded to 8 (`layerwise.CHANNEL_PADDING`),
+    and the answers stay those of the unpadded programs."""
+    import json
+
+    bench = _module()
+    run = _fake_run(tmp_path / "run", [(5, 6), (7, 5), (6, 8), (8, 7)])
+    args = ["--run", run, "--dataset", "digits8x8", "--steps", "3", "--json"]
+    assert bench.main([*args, "--signatures"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    padded, unpadded = res["signatures"]["padded"], res["signatures"]["unpadded"]
+    assert res["architectures"] == 4
+    # unpadded, each child's two convolutions and BN vertex are its own; padded, all alike
+    assert (padded["by_op"]["conv_bwd"], padded["by_op"]["vertex_fwd"]) == (2, 1)
+    assert (unpadded["by_op"]["conv_bwd"], unpadded["by_op"]["vertex_fwd"]) == (8, 4)
+    assert bench.main([*args, "--compare-options", "padding"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["channel_padding"]["before"] == [1, 0]
+    assert res["signatures"] < res["signatures_before"]
+    assert res["agree"] and res["answers_differ_by"] <= 0.001 * res["answers"]

@@ -468,3 +468,85 @@ def test_a_process_that_turns_the_persistent_cache_on_trims_it_to_its_bound(tmp_
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.name for p in cache.glob("*-cache")) == ["jit_f-0002-cache", "jit_f-0003-cache"]
+
+
+def padded_merge_dna(depth_1: int = 7, depth_2: int = 5):
+    """Input (3) → v1 (conv, `depth_1`) → v2 (conv, `depth_2`) → v3 (conv, `depth_2`, plus an
+    identity skip from v1) → output (conv, 2 × `depth_2`, stride 2, plus a skip from v1). With
+    `depth_1` > `depth_2` both padded alike, v1's extra true channels must not leak into v3's."""
+    V, E = D.Vertex, D.Edge
+    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
+    vertices = (V(0, "linear", "input"), *(V(i, "bn_relu") for i in (1, 2, 3)))
+    dna = D.DNA(
+        vertices=(*vertices, V(4, "linear", "output")),
+        edges=(
+            E(5, 0, 1, depth_factor=depth_1 / 3, **conv),
+            E(6, 1, 2, depth_factor=depth_2 / depth_1, **conv),
+            E(7, 2, 3, **conv),
+            E(8, 1, 3, precedence=D.SKIP),
+            E(9, 3, 4, depth_factor=2.0, stride_scale=1.0, **conv),
+            E(10, 1, 4, precedence=D.SKIP),
+        ),
+        learning_rate=0.05,
+        input_channels=3,
+        num_classes=4,
+        next_id=11,
+    )
+    return D.validate(dna)
+
+
+def test_padded_channels_train_like_the_whole_program(data):
+    """Layer programs pad depths to `CHANNEL_PADDING`; a merge zeroes the channels beyond its
+    true depth that a deeper input brings (`layerwise._merge`): the true channels train as the
+    whole program's, and the variables come back in their true shapes."""
+    dna = padded_merge_dna()
+    arch = __import__("evojax_nas.architecture", fromlist=["resolve"]).resolve(dna)
+    assert [arch.shapes[v].depth for v in (1, 2, 3, 4)] == [7, 5, 5, 10]
+    multiple, above = layerwise.CHANNEL_PADDING
+    assert multiple > 1 and above < 5  # the test is only as good as its depths: all padded
+    width = layerwise.stored_depths(arch, layerwise.CHANNEL_PADDING)
+    assert width[1] == width[3] > 7 and width[4] > 10 and width[0] == 3
+    variables = M.init_variables(dna, KEY)
+    states = {}
+    for cfg in (WHOLE, LAYERS):
+        programs = ProgramCache().get(dna, data.layout, cfg)
+        states[cfg.train_impl] = run_training(programs, variables, data, KEY, 0.05, cfg)[0]
+    whole, layers = states["whole"], states["layerwise"]
+    assert jax.tree_util.tree_map(np.shape, layers) == jax.tree_util.tree_map(np.shape, whole)
+    assert _close(whole.params, layers.params)
+    assert _close(whole.batch_stats, layers.batch_stats)
+    assert _close(whole.opt_state, layers.opt_state)
+    assert not _close(whole.params, variables["params"])
+    for cfg in (WHOLE, LAYERS):  # evaluation of the trained variables agrees too
+        programs = ProgramCache().get(dna, data.layout, cfg)
+        states[cfg.train_impl] = [
+            int(programs.eval_batch(whole.params, whole.batch_stats, x, y, m))
+            for x, y, m in data.val_batches
+        ]
+    assert states["whole"] == states["layerwise"]
+
+
+def test_depths_that_pad_alike_share_their_layer_programs(data):
+    """Two architectures whose depths differ within one padding multiple compile once: the
+    second assembles from the first one's layer programs; without padding it compiles."""
+    cache = ProgramCache()
+    first, second = padded_merge_dna(7, 5), padded_merge_dna(6, 4 + 2)
+    train_and_evaluate(first, M.init_variables(first, KEY), data, KEY, LAYERS, cache)
+    with CompileCounter() as counter:
+        again = train_and_evaluate(second, M.init_variables(second, KEY), data, KEY, LAYERS, cache)
+    assert again.programs == "layers" and counter.count == 0
+    unpadded = layerwise.OpCache(cache.layers.options)
+    layerwise.build(first, data.layout, LAYERS, "custom", unpadded, channel_padding=(1, 0))
+    before = unpadded.compiles
+    layerwise.build(second, data.layout, LAYERS, "custom", unpadded, channel_padding=(1, 0))
+    assert unpadded.compiles > before
+
+
+def test_a_variable_of_the_wrong_shape_is_refused(data):
+    dna = padded_merge_dna()
+    variables = M.init_variables(dna, KEY)
+    wrong = jax.tree_util.tree_map(lambda a: a, variables)
+    wrong["params"]["conv_e5"]["kernel"] = np.zeros((3, 3, 3, 8), np.float32)  # padded
+    programs = ProgramCache().get(dna, data.layout, LAYERS)
+    with pytest.raises(ValueError, match="conv_e5/kernel"):
+        run_training(programs, wrong, data, KEY, 0.05, LAYERS)

@@ -100,3 +100,26 @@ def test_small_conv_dna_beats_the_initial_individual_by_a_wide_margin():
         conv.val_accuracy,
         initial.val_accuracy,
     )
+
+
+def test_the_initial_optimizer_state_is_optax_s_and_compiles_nothing():
+    """`initial_state` makes optax's initial state on the host: the same tree and zeros, and no
+    compile for shapes never seen before (optax's `init` compiled one op per new shape)."""
+    from evojax_nas.steps import make_optimizer
+    from evojax_nas.train import initial_state
+
+    cfg = TrainConfig(steps=1)
+    d = two_convs(cin=5, width=7.4)  # shapes no other test uses
+    variables = init_variables(d, jax.random.PRNGKey(0))
+    with CompileCounter() as counter:
+        state = initial_state(variables, cfg)
+    assert counter.count == 0
+    want = make_optimizer(cfg).init(variables["params"])
+    assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(want)
+    for got, expected in zip(
+        jax.tree_util.tree_leaves(state.opt_state), jax.tree_util.tree_leaves(want), strict=True
+    ):
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert len(jax.tree_util.tree_leaves(want)) == len(
+        jax.tree_util.tree_leaves(variables["params"])
+    )
