@@ -274,9 +274,10 @@ def conv_bwd(impl: str, stride: int, need_dx: bool, momentum: float, decay: floa
 
 
 def _merge(ins, depth):
-    """`model.resolve_inputs` in the primary input's padded depth, channels from the vertex's
-    true `depth` on zeroed (a runtime scalar: an input deeper than the vertex, truncated to the
-    padded depth only, would leave its extra channels there); one input passes through."""
+    """`model.resolve_inputs` in the primary input's padded depth, with every channel from the
+    vertex's true `depth` (a runtime scalar) on set to zero: an input deeper than the vertex is
+    truncated to the padded depth only, and would leave its extra channels there. One input
+    passes through."""
     h = resolve_inputs(ins[0], ins[1:])
     if len(ins) == 1:
         return h
@@ -378,12 +379,13 @@ def split(count: int) -> Callable:
 
 
 def stored_depths(arch, padding: tuple[int, int]) -> dict[int, int]:
-    """Vertex ID → the channels its activation array has: a convolution's output is padded with
-    zero channels to a multiple of `multiple`, a vertex stores its primary input's depth, the
-    input vertex the data's. Every extra channel of every activation, variable, momentum and
-    gradient is exactly zero throughout training, so the true channels compute what unpadded
-    programs compute (to float rounding), while architectures whose depths differ by a few
-    channels share their layer programs (`CHANNEL_PADDING`)."""
+    """Vertex ID → the channels its activation array has, for `padding` (multiple, above): a
+    convolution's output deeper than `above` is padded with zero channels to a multiple of
+    `multiple`, a vertex stores its primary input's depth, the input vertex the data's. Every
+    extra channel of every activation, variable, momentum and gradient is exactly zero
+    throughout training, so the true channels compute what unpadded programs compute (to float
+    rounding), while architectures whose depths differ by a few channels share their layer
+    programs (`CHANNEL_PADDING`)."""
     multiple, above = padding
     first = arch.order[0]
     width = {first: arch.shapes[first].depth}

@@ -171,7 +171,7 @@ def initial_state(variables: Variables, config: TrainConfig) -> TrainState:
     """The training state before the first step (fresh optimizer state), on the device."""
     params = jax.device_put(variables["params"])
     stats = jax.device_put(variables["batch_stats"])
-    # optax's `init` makes its zeros with one device op per new shape, each a compile (~35 ms
+    # optax's `init` makes its zeros with one device op per new shape, each a compile (32-53 ms
     # on 2 cores): every new architecture paid them. The same zeros made on the host compile
     # nothing (tests/test_train.py checks they are optax's state).
     shapes = jax.eval_shape(make_optimizer(config).init, params)
