@@ -81,6 +81,12 @@ of compile and training seconds. Their numbers differ only by float rounding: th
 correct validation answers (random labels) may differ by at most 0.1 % of the answers, or the
 script fails. Measured figures: README, "Layer-wise training".
 
+`--compare-options padding` times the layer programs with their channel padding
+(`layerwise.CHANNEL_PADDING`, or `--channel-padding MULTIPLE,ABOVE`: depths above ABOVE padded
+with zero channels to a multiple of MULTIPLE) against none, the same way; `--signatures` only
+counts the distinct layer signatures of the architectures both ways (`jax.eval_shape` per
+operation: nothing compiles or trains). Measured figures: README, "Layer-wise training".
+
 `--second-worker` measures what sharing layer programs through the run's store
 (`programs.SharedLayers`) saves a run's other workers: a first worker compiles the
 architectures' layer programs into a store in a temporary directory, then a second worker (its
@@ -472,16 +478,16 @@ def compare_options(args) -> dict:
         "padding": layerwise.compiler_options,
     }[args.compare_options]
     options = {"now": b.options, "before": before_options(b.target.platform)}
-    multiples = {"now": b.channel_padding, "before": b.channel_padding}
+    paddings = {"now": b.channel_padding, "before": b.channel_padding}
     if args.compare_options == "padding":
-        multiples["before"] = (1, 0)
+        paddings["before"] = (1, 0)
     caches = {name: OpCache(opts) for name, opts in options.items()}
     totals = {name: {"compile": 0.0, "train": 0.0, "eval": 0.0, "correct": 0} for name in caches}
     for i, dna in enumerate(dnas):
         dna = D.for_data(dna, 1, 10)
         variables = init_variables(dna, jax.random.fold_in(b.key, i))
         for name in ("now", "before") if i % 2 == 0 else ("before", "now"):
-            b.cache, b.channel_padding = caches[name], multiples[name]
+            b.cache, b.channel_padding = caches[name], paddings[name]
             row = b.layerwise(dna, variables)
             t = totals[name]
             t["compile"] += row["compile_new_signatures"]
@@ -500,7 +506,7 @@ def compare_options(args) -> dict:
         "signatures": len(caches["now"]),
         "signatures_before": len(caches["before"]),
         "compared": args.compare_options,
-        "channel_padding": multiples,
+        "channel_padding": paddings,
         "options": {k: {o: str(v) for o, v in opts.items()} for k, opts in options.items()},
         "totals": totals,
         "ratio_before_over_now": ratio,
