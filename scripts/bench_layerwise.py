@@ -448,7 +448,7 @@ def bench(args) -> dict:
         "steps": args.steps,
         "architectures": len(rows),
         "signatures": len(b.cache),
-        "signatures_by_op": _count_ops(b.cache),
+        "signatures_by_op": _count_ops(b.cache._ops),
         "new_fraction": new_fraction,
         "rows": rows,
         "totals": totals,
@@ -540,7 +540,7 @@ def layers_only(args) -> dict:
         "architectures": len(dnas),
         "steps": args.steps,
         "signatures": len(b.cache),
-        "signatures_by_op": _count_ops(b.cache),
+        "signatures_by_op": _count_ops(b.cache._ops),
         "totals": totals,
         "agree": True,  # nothing to compare within one checkout
         "load_average": os.getloadavg(),
@@ -661,10 +661,8 @@ def signatures(args) -> dict:
         for dna in dnas:
             dna = D.for_data(dna, 1, 10)
             layerwise.build(dna, b.layout, b.cfg, b.impl, recorder, channel_padding=padding)
-        by_name: dict = {}
-        for sig in recorder.signatures:
-            by_name[sig[0]] = by_name.get(sig[0], 0) + 1
-        counts[name] = {"total": len(recorder.signatures), "by_op": by_name}
+        by_op = _count_ops(recorder.signatures)
+        counts[name] = {"total": len(recorder.signatures), "by_op": by_op}
     return {
         "source": source,
         "architectures": len(dnas),
@@ -763,9 +761,10 @@ def _sequence(args) -> tuple[list, str, float | None]:
     return dnas[args.start : args.start + args.limit], source, fraction
 
 
-def _count_ops(cache) -> dict:
+def _count_ops(signatures) -> dict:
+    """Signatures (an `OpCache`'s programs or a `SignatureRecorder`'s keys) by operation."""
     counts: dict = {}
-    for sig in cache._ops:
+    for sig in signatures:
         counts[sig[0]] = counts.get(sig[0], 0) + 1
     return counts
 
