@@ -14,7 +14,8 @@ once per run, not once per worker.
 A step, for a DNA resolved by `evojax_nas.architecture`:
 
 - forward in topological order: one program per convolution edge (`evojax_nas.conv`), one per
-  vertex that merges inputs (`model.resolve_inputs`) or applies BN+ReLU (train mode: batch
+  input a vertex merges beyond its first (`model.resolve_inputs` one input at a time: one
+  program per pair of shapes, not per combination), one per BN+ReLU (train mode: batch
   statistics, and the new running averages as outputs); activations are kept;
 - the head (global average pool, dense layer, softmax cross-entropy), forward and backward and
   the update of its parameters in one call;
@@ -23,11 +24,11 @@ A step, for a DNA resolved by `evojax_nas.architecture`:
   on convolution kernels only), and one more call per fan-out to sum gradients.
 
 Depths above 4 are padded with zero channels to a multiple of 8 inside the layer programs
-(`CHANNEL_PADDING`, `stored_depths`): a vertex that merges a deeper input zeroes the channels
-beyond its own depth (`_merge`), so every padded channel of every activation, variable, momentum
-and gradient stays exactly zero, and architectures whose depths differ by a few channels share
-their programs. Variables go in and come out in their true shapes (padded and cut on the host,
-which compiles nothing).
+(`CHANNEL_PADDING`, `stored_depths`): a merge zeroes the channels beyond the vertex's true
+depth in what it adds, and beyond the input's own in the gradient it sends back (`_merged`), so
+every padded channel of every activation, variable, momentum and gradient stays exactly zero,
+and architectures whose depths differ by a few channels share their programs. Variables go in
+and come out in their true shapes (padded and cut on the host, which compiles nothing).
 
 Evaluation runs the training step's forward programs, BN+ReLU in eval mode (the running
 averages; the mode is a runtime argument of one program), on the evaluation batch cut into
@@ -273,44 +274,58 @@ def conv_bwd(impl: str, stride: int, need_dx: bool, momentum: float, decay: floa
     return f
 
 
-def _merge(ins, depth):
-    """`model.resolve_inputs` in the primary input's padded depth, with every channel from the
-    vertex's true `depth` (a runtime scalar) on set to zero: an input deeper than the vertex is
-    truncated to the padded depth only, and would leave its extra channels there. One input
-    passes through."""
-    h = resolve_inputs(ins[0], ins[1:])
-    if len(ins) == 1:
-        return h
-    return jnp.where(jnp.arange(h.shape[-1]) < depth, h, 0.0)
+def _below(x, depth):
+    """`x` with every channel from `depth` (a runtime scalar) on set to zero."""
+    return jnp.where(jnp.arange(x.shape[-1]) < depth, x, 0.0)
 
 
-def vertex_fwd(n_in: int, has_bn: bool) -> Callable:
-    """A vertex's forward, for training and evaluation alike: with BN, its last argument says
-    which mode (one program instead of two; evaluation runs at the training batch size)."""
+def _merged(acc, x, depth_x, depth):
+    """`acc` plus `x` in `acc`'s size and depth (`model.resolve_inputs`, one input at a time),
+    with the channels from the vertex's true `depth` on zero: an input deeper than the vertex
+    is truncated to the padded depth only, and would leave its extra channels there. `x` is
+    first cut to its own true depth `depth_x`: its padding is zero already, so this changes no
+    value, but the gradient it gets back stays zero there too (the vertex's deeper true
+    channels would otherwise flow into the padding of a shallower input)."""
+    return _below(resolve_inputs(acc, [_below(x, depth_x)]), depth)
 
-    def f(*args):  # inputs..., [depth if several inputs], [scale, bias, mean, var, train]
-        k = n_in + (n_in > 1)
-        h = _merge(args[:n_in], args[n_in] if n_in > 1 else None)
-        if not has_bn:
-            return h
-        return _bn_relu(h, *args[k:-1], train=args[-1])
+
+def merge_fwd() -> Callable:
+    """One more input of a merging vertex added to the sum so far (`_merged`): one program per
+    pair of shapes, whatever else the vertex merges or applies."""
+    return lambda acc, x, depth_x, depth: _merged(acc, x, depth_x, depth)  # a new function each
+    # time, as every factory's: JAX would reuse its own in-memory compile of a shared one
+
+
+def merge_bwd() -> Callable:
+    """The gradient `_merged` sends the input `x` for the sum's gradient `dy` (which has the
+    sum's shape)."""
+
+    def f(x, dy, depth_x, depth):
+        _, vjp = jax.vjp(lambda x: _merged(jnp.zeros_like(dy), x, depth_x, depth), x)
+        return vjp(dy)[0]
 
     return f
 
 
-def vertex_bwd(n_in: int, has_bn: bool, momentum: float) -> Callable:
-    def f(*args):  # inputs..., [depth if several inputs], [scale, bias, m_scale, m_bias], dy, lr
-        ins, dy, lr = args[:n_in], args[-2], args[-1]
-        depth = args[n_in] if n_in > 1 else None
-        h, vjp = jax.vjp(lambda ins: _merge(ins, depth), tuple(ins))
-        if not has_bn:
-            return tuple(vjp(dy)[0])
-        k = n_in + (n_in > 1)
-        scale, bias, m_scale, m_bias = args[k : k + 4]
+def vertex_fwd() -> Callable:
+    """A BN+ReLU vertex's forward on its (merged) input, for training and evaluation alike: its
+    last argument says which mode (one program instead of two; evaluation runs at the training
+    batch size)."""
+
+    def f(h, scale, bias, mean, var, train):
+        return _bn_relu(h, scale, bias, mean, var, train=train)
+
+    return f
+
+
+def vertex_bwd(momentum: float) -> Callable:
+    """A BN+ReLU vertex's backward and the update of its scale and bias."""
+
+    def f(h, scale, bias, m_scale, m_bias, dy, lr):
         dh, dscale, dbias = _bn_relu_vjp(h, scale, bias, dy)
         scale, m_scale = _sgd(scale, dscale, m_scale, lr, momentum, 0.0)
         bias, m_bias = _sgd(bias, dbias, m_bias, lr, momentum, 0.0)
-        return (*vjp(dh)[0], scale, bias, m_scale, m_bias)
+        return dh, scale, bias, m_scale, m_bias
 
     return f
 
@@ -469,10 +484,11 @@ class LayerwiseNet:
         shapes.update(eval=shapes["train"], correct=sds((), jnp.int32))
         put = lambda v: jax.device_put(v, sharding)  # noqa: E731
         self._constants = {"train": put(True), "eval": put(False), "correct": put(jnp.int32(0))}
-        for vid in arch.order[1:]:  # a merging vertex's true depth (`_merge`)
-            if len(arch.inputs[vid]) > 1:
-                self._constants[f"depth{vid}"] = put(jnp.int32(arch.shapes[vid].depth))
-                shapes[f"depth{vid}"] = sds((), jnp.int32)
+        for vid in arch.order[1:]:  # true depths of merging vertices and inputs (`_merged`)
+            for e in arch.inputs[vid] if len(arch.inputs[vid]) > 1 else ():
+                for v in (vid, e.src):
+                    self._constants[f"depth{v}"] = put(jnp.int32(arch.shapes[v].depth))
+                    shapes[f"depth{v}"] = sds((), jnp.int32)
         self._memo: dict[int, tuple[Any, Any]] = {}  # id(true-shaped array) → (it, padded)
 
         def emit(train: bool, compiled, ins, outs) -> None:
@@ -488,8 +504,13 @@ class LayerwiseNet:
         def op(train: bool, factory: Callable, statics: tuple, ins, outs) -> None:
             emit(train, ops.get(factory, statics, [shapes[s] for s in ins]), ins, outs)
 
-        def forward(train: bool) -> set[int]:
-            aliases = set()
+        def depth_of(e) -> str:
+            """The slot of the true depth of edge `e`'s output (a conv's is its vertex's)."""
+            return f"depth{e.dst if e.is_conv else e.src}"
+
+        def forward(train: bool) -> dict[int, str]:
+            """Emits the forward; returns each vertex's merged input (BN's input, if any)."""
+            merged = {}
             for vid in arch.order[1:]:
                 ins = []
                 for e in arch.inputs[vid]:
@@ -500,27 +521,27 @@ class LayerwiseNet:
                         ins.append(f"e{e.id}")
                     else:
                         ins.append(f"a{e.src}")
-                has_bn = arch.vertices[vid].kind == "bn_relu"
-                if len(ins) == 1 and not has_bn:
-                    emit(train, None, ins, [f"a{vid}"])
-                    aliases.add(vid)
+                acc = ins[0]
+                for k, e in enumerate(arch.inputs[vid][1:], 1):
+                    out = f"s{vid}:{k}"
+                    op(train, merge_fwd, (), [acc, ins[k], depth_of(e), f"depth{vid}"], [out])
+                    acc = out
+                merged[vid] = acc
+                if arch.vertices[vid].kind != "bn_relu":
+                    emit(train, None, [acc], [f"a{vid}"])
                     continue
-                bn = [f"{c}/{bn_name(vid)}/{leaf}" for c, leaf in BN_LEAVES] if has_bn else []
-                if has_bn:  # the new running averages: evaluation discards them
-                    bn.append("train" if train else "eval")
-                    outs = [f"a{vid}", *(bn[2:4] if train else ["discard", "discard"])]
-                else:
-                    outs = [f"a{vid}"]
-                depth = [f"depth{vid}"] if len(ins) > 1 else []
-                op(train, vertex_fwd, (len(ins), has_bn), ins + depth + bn, outs)
-            return aliases
+                bn = [f"{c}/{bn_name(vid)}/{leaf}" for c, leaf in BN_LEAVES]
+                # the new running averages: evaluation discards them
+                outs = [f"a{vid}", *(bn[2:4] if train else ["discard", "discard"])]
+                op(train, vertex_fwd, (), [acc, *bn, "train" if train else "eval"], outs)
+            return merged
 
         # ---- the training step
         input_vid, out = arch.order[0], f"a{arch.output_id}"
         self.input_slot = f"a{input_vid}"
         shapes[self.input_slot] = sds((batch_size, *image))
         shapes["y"] = sds((batch_size,), jnp.int32)
-        aliases = forward(train=True)
+        merged = forward(train=True)
         head = [f"params/{OUTPUT}/kernel", f"params/{OUTPUT}/bias"]
         moms = ["m:" + h for h in head]
         classes = dna.num_classes
@@ -542,27 +563,20 @@ class LayerwiseNet:
                 have_grad.add(slot)
 
         for vid in reversed(arch.order[1:]):
-            edges = arch.inputs[vid]
-            grads = [f"g:{vid}:{i}" for i in range(len(edges))]
-            if vid in aliases:
-                emit(True, None, [f"g:a{vid}"], grads)
-            else:
-                has_bn = arch.vertices[vid].kind == "bn_relu"
-                ins = [f"e{e.id}" if e.is_conv else f"a{e.src}" for e in edges]
-                p = (
-                    [f"params/{bn_name(vid)}/{leaf}" for leaf in ("scale", "bias")]
-                    if has_bn
-                    else []
-                )
+            edges, acc = arch.inputs[vid], merged[vid]
+            if arch.vertices[vid].kind == "bn_relu":
+                p = [f"params/{bn_name(vid)}/{leaf}" for leaf in ("scale", "bias")]
                 m = ["m:" + s for s in p]
-                depth = [f"depth{vid}"] if len(ins) > 1 else []
-                op(
-                    True,
-                    vertex_bwd,
-                    (len(ins), has_bn, momentum),
-                    ins + depth + p + m + [f"g:a{vid}", "lr"],
-                    grads + p + m,
-                )
+                ins = [acc, *p, *m, f"g:a{vid}", "lr"]
+                op(True, vertex_bwd, (momentum,), ins, [f"g:{vid}:0", *p, *m])
+            else:
+                emit(True, None, [f"g:a{vid}"], [f"g:{vid}:0"])
+            # the merged sum's gradient is the primary input's as it is
+            grads = [f"g:{vid}:0"] + [f"g:{vid}:{k}" for k in range(1, len(edges))]
+            for k, e in enumerate(edges[1:], 1):
+                x = f"e{e.id}" if e.is_conv else f"a{e.src}"
+                ins = [x, f"g:{vid}:0", depth_of(e), f"depth{vid}"]
+                op(True, merge_bwd, (), ins, [grads[k]])
             for e, g in zip(edges, grads, strict=True):
                 need_dx = e.src != input_vid
                 if e.is_conv:

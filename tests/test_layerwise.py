@@ -500,7 +500,7 @@ def padded_merge_dna(depth_1: int = 7, depth_2: int = 5):
 
 def test_padded_channels_train_like_the_whole_program(data):
     """Layer programs pad depths to `CHANNEL_PADDING`; a merge zeroes the channels beyond its
-    true depth that a deeper input brings (`layerwise._merge`): the true channels train as the
+    true depth that a deeper input brings (`layerwise._merged`): the true channels train as the
     whole program's, and the variables come back in their true shapes."""
     dna = padded_merge_dna()
     arch = __import__("evojax_nas.architecture", fromlist=["resolve"]).resolve(dna)
@@ -527,6 +527,86 @@ def test_padded_channels_train_like_the_whole_program(data):
             for x, y, m in data.val_batches
         ]
     assert states["whole"] == states["layerwise"]
+
+
+def shallow_skip_dna():
+    """Input (3) → v1 (linear, conv, 5) → v2 (conv, 7) → v3 (conv, 7, plus an identity skip
+    from v1) → output. v1's depth pads as v3's, and v3's true channels 5 and 6 have gradients:
+    they must not reach v1's padding, which no BN zeroes again (v1 is linear)."""
+    V, E = D.Vertex, D.Edge
+    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
+    vertices = (V(0, "linear", "input"), V(1, "linear"), V(2, "bn_relu"), V(3, "bn_relu"))
+    dna = D.DNA(
+        vertices=(*vertices, V(4, "linear", "output")),
+        edges=(
+            E(5, 0, 1, depth_factor=5 / 3, **conv),
+            E(6, 1, 2, depth_factor=7 / 5, **conv),
+            E(7, 2, 3, **conv),
+            E(8, 1, 3, precedence=D.SKIP),
+            E(9, 3, 4, **conv),
+        ),
+        learning_rate=0.05,
+        input_channels=3,
+        num_classes=4,
+        next_id=10,
+    )
+    return D.validate(dna)
+
+
+def test_a_shallower_input_gets_no_gradient_in_its_padding(data):
+    """A merge sends each input its gradient cut to that input's true depth (`_merged`): with
+    v1 (5 channels) merged into v3 (7), both stored in 8, training matches the whole program;
+    it did not when v1's padding received v3's gradient."""
+    dna = shallow_skip_dna()
+    arch = __import__("evojax_nas.architecture", fromlist=["resolve"]).resolve(dna)
+    width = layerwise.stored_depths(arch, layerwise.CHANNEL_PADDING)
+    assert [arch.shapes[v].depth for v in (1, 3)] == [5, 7] and width[1] == width[3]
+    variables = M.init_variables(dna, KEY)
+    states = {}
+    for cfg in (WHOLE, LAYERS):
+        programs = ProgramCache().get(dna, data.layout, cfg)
+        states[cfg.train_impl] = run_training(programs, variables, data, KEY, 0.05, cfg)[0]
+    whole, layers = states["whole"], states["layerwise"]
+    assert _close(whole.params, layers.params)
+    assert _close(whole.batch_stats, layers.batch_stats)
+    assert not _close(whole.params, variables["params"])
+
+
+def skips_dna(*sources: int):
+    """Input (3) → v1 (conv, 8) → v2 (conv, 8) → v3 (conv, 8, plus identity skips from
+    `sources`) → output (conv, 8)."""
+    V, E = D.Vertex, D.Edge
+    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
+    vertices = (V(0, "linear", "input"), V(1, "bn_relu"), V(2, "bn_relu"), V(3, "bn_relu"))
+    skips = tuple(E(10 + s, s, 3, precedence=D.SKIP) for s in sources)
+    dna = D.DNA(
+        vertices=(*vertices, V(4, "linear", "output")),
+        edges=(
+            E(5, 0, 1, depth_factor=8 / 3, **conv),
+            E(6, 1, 2, **conv),
+            E(7, 2, 3, **conv),
+            *skips,
+            E(9, 3, 4, **conv),
+        ),
+        learning_rate=0.05,
+        input_channels=3,
+        num_classes=4,
+        next_id=20,
+    )
+    return D.validate(dna)
+
+
+def test_merges_compile_per_input_not_per_combination(data):
+    """A vertex merges its inputs one at a time (`merge_fwd`, `merge_bwd`): once a vertex has
+    merged the input and v1, vertices that merge either of them alone compile nothing."""
+    cache = layerwise.OpCache(layerwise.compiler_options())
+    layerwise.build(skips_dna(0, 1), data.layout, LAYERS, "custom", cache)
+    before = cache.compiles
+    for sources in [(1,), (0,)]:
+        layerwise.build(skips_dna(*sources), data.layout, LAYERS, "custom", cache)
+    assert cache.compiles == before > 0
+    layerwise.build(skips_dna(), data.layout, LAYERS, "custom", cache)  # no merge: nor this
+    assert cache.compiles == before
 
 
 def test_depths_that_pad_alike_share_their_layer_programs(data):
