@@ -311,6 +311,15 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
     return _conv_kxk(x, w, stride)
 
 
+def conv2d_vjp(x: jax.Array, w: jax.Array, dy: jax.Array, stride: int = 1):
+    """The gradients (dx, dw) of `conv2d(x, w, stride)` for the output's `dy`: its backward
+    rule called directly, without tracing the forward that `jax.vjp` would trace and then
+    drop (a layer program's backward traces ~40 % faster: `layerwise.conv_bwd`)."""
+    if w.shape[:2] == (1, 1):
+        return jax.vjp(lambda x, w: _conv_1x1(x, w, stride), x, w)[1](dy)
+    return _conv_kxk_bwd(stride, (x, w), dy)
+
+
 def xla_conv2d(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
     """XLA's own convolution with autodiff's backward: the reference and the TPU/GPU path."""
     return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=_DN)

@@ -56,7 +56,7 @@ from evojax_nas import xla_backend
 from evojax_nas.architecture import OUTPUT, bn_name, conv_name, resolve
 from evojax_nas.augment import preprocess
 from evojax_nas.conv import compiler_options as conv_compiler_options
-from evojax_nas.conv import conv2d, host_cpu_flags, xla_conv2d
+from evojax_nas.conv import conv2d, conv2d_vjp, host_cpu_flags, xla_conv2d
 from evojax_nas.model import BN_EPSILON, BN_MOMENTUM, resolve_inputs
 from evojax_nas.steps import TrainState
 
@@ -266,8 +266,10 @@ def conv_bwd(impl: str, stride: int, need_dx: bool, momentum: float, decay: floa
     conv = _conv(impl)
 
     def f(x, w, m, dy, lr):
-        _, vjp = jax.vjp(lambda x, w: conv(x, w, stride), x, w)
-        dx, dw = vjp(dy)
+        if impl == "custom":  # its backward rule, without tracing the forward
+            dx, dw = conv2d_vjp(x, w, dy, stride)
+        else:
+            dx, dw = jax.vjp(lambda x, w: conv(x, w, stride), x, w)[1](dy)
         w, m = _sgd(w, dw, m, lr, momentum, decay)
         return (dx, w, m) if need_dx else (w, m)
 
@@ -292,8 +294,9 @@ def _merged(acc, x, depth_x, depth):
 def merge_fwd() -> Callable:
     """One more input of a merging vertex added to the sum so far (`_merged`): one program per
     pair of shapes, whatever else the vertex merges or applies."""
-    return lambda acc, x, depth_x, depth: _merged(acc, x, depth_x, depth)  # a new function each
-    # time, as every factory's: JAX would reuse its own in-memory compile of a shared one
+    # a new function on each call, as every factory makes: of one shared function JAX would
+    # reuse its own in-memory compile, which neither its persistent cache nor the store sees
+    return lambda acc, x, depth_x, depth: _merged(acc, x, depth_x, depth)
 
 
 def merge_bwd() -> Callable:
@@ -571,7 +574,9 @@ class LayerwiseNet:
                 op(True, vertex_bwd, (momentum,), ins, [f"g:{vid}:0", *p, *m])
             else:
                 emit(True, None, [f"g:a{vid}"], [f"g:{vid}:0"])
-            # the merged sum's gradient is the primary input's as it is
+            # the merged sum's gradient is the primary input's as it is: zero in the padding,
+            # as every gradient a vertex receives is (kernels' and the head's padded rows are
+            # zero, BN's padded scale is, a merge cuts it to the input's depth)
             grads = [f"g:{vid}:0"] + [f"g:{vid}:{k}" for k in range(1, len(edges))]
             for k, e in enumerate(edges[1:], 1):
                 x = f"e{e.id}" if e.is_conv else f"a{e.src}"

@@ -81,6 +81,9 @@ def test_conv2d_matches_float64_reference(h, w, cin, cout, kh, kw, stride, path,
     assert _rel(y, y_ref) < 1e-5
     assert _rel(dx, dx_ref) < 1e-5
     assert _rel(dw, dw_ref) < 1e-5
+    # the backward rule called directly (layer programs' `conv_bwd`) computes the same
+    direct = C.conv2d_vjp(jnp.asarray(x), jnp.asarray(k), jnp.asarray(g), stride)
+    assert all(np.array_equal(a, b) for a, b in zip(direct, (dx, dw), strict=True))
 
 
 def test_conv2d_under_jit_and_scan_matches():
