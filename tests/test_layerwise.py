@@ -470,32 +470,48 @@ def test_a_process_that_turns_the_persistent_cache_on_trims_it_to_its_bound(tmp_
     assert sorted(p.name for p in cache.glob("*-cache")) == ["jit_f-0002-cache", "jit_f-0003-cache"]
 
 
+def convs_dna(depths, kinds, skips=(), **out):
+    """Input (3) → v1 → v2 → v3 → output, each through a 3×3 convolution (edges 5, 6, 7 and 9,
+    `out` the last one's extra fields), v1–v3 of true `depths` and `kinds`, plus identity skips
+    (source, destination) as edges 10, 11, ..."""
+    V, E = D.Vertex, D.Edge
+    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
+    vertices = [V(0, "linear", "input")] + [V(i, k) for i, k in enumerate(kinds, 1)]
+    d = [3, *depths]
+    chain = [E(5 + i, i, i + 1, depth_factor=d[i + 1] / d[i], **conv) for i in range(3)]
+    dna = D.DNA(
+        vertices=(*vertices, V(4, "linear", "output")),
+        edges=(
+            *chain,
+            E(9, 3, 4, **out, **conv),
+            *(E(10 + k, a, b, precedence=D.SKIP) for k, (a, b) in enumerate(skips)),
+        ),
+        learning_rate=0.05,
+        input_channels=3,
+        num_classes=4,
+        next_id=10 + len(skips),
+    )
+    return D.validate(dna)
+
+
 def padded_merge_dna(depth_1: int = 7, depth_2: int = 5):
     """Input (3) → v1 (conv, `depth_1`) → v2 (conv, `depth_2`) → v3 (conv, `depth_2`, plus an
     identity skip from v1) → output (conv, 2 × `depth_2`, stride 2, plus a skip from v1). With
     `depth_1` > `depth_2` both padded alike, v1's extra true channels must not leak into v3's
     padding."""
-    V, E = D.Vertex, D.Edge
-    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
     # v3 linear: behind BN the leak would be harmless (zero scale and bias in the padding); a
     # linear vertex passes it on, into the kernel gradient of the convolution it feeds
-    vertices = (V(0, "linear", "input"), V(1, "bn_relu"), V(2, "bn_relu"), V(3, "linear"))
-    dna = D.DNA(
-        vertices=(*vertices, V(4, "linear", "output")),
-        edges=(
-            E(5, 0, 1, depth_factor=depth_1 / 3, **conv),
-            E(6, 1, 2, depth_factor=depth_2 / depth_1, **conv),
-            E(7, 2, 3, **conv),
-            E(8, 1, 3, precedence=D.SKIP),
-            E(9, 3, 4, depth_factor=2.0, stride_scale=1.0, **conv),
-            E(10, 1, 4, precedence=D.SKIP),
-        ),
-        learning_rate=0.05,
-        input_channels=3,
-        num_classes=4,
-        next_id=11,
-    )
-    return D.validate(dna)
+    kinds = ("bn_relu", "bn_relu", "linear")
+    depths = (depth_1, depth_2, depth_2)
+    return convs_dna(depths, kinds, [(1, 3), (1, 4)], depth_factor=2.0, stride_scale=1.0)
+
+
+def _trained_both_ways(dna, variables, data):
+    """The training states after `WHOLE`'s steps: of the whole program, of the layer programs."""
+    return [
+        run_training(ProgramCache().get(dna, data.layout, cfg), variables, data, KEY, 0.05, cfg)[0]
+        for cfg in (WHOLE, LAYERS)
+    ]
 
 
 def test_padded_channels_train_like_the_whole_program(data):
@@ -510,16 +526,13 @@ def test_padded_channels_train_like_the_whole_program(data):
     width = layerwise.stored_depths(arch, layerwise.CHANNEL_PADDING)
     assert width[1] == width[3] > 7 and width[4] > 10 and width[0] == 3
     variables = M.init_variables(dna, KEY)
-    states = {}
-    for cfg in (WHOLE, LAYERS):
-        programs = ProgramCache().get(dna, data.layout, cfg)
-        states[cfg.train_impl] = run_training(programs, variables, data, KEY, 0.05, cfg)[0]
-    whole, layers = states["whole"], states["layerwise"]
+    whole, layers = _trained_both_ways(dna, variables, data)
     assert jax.tree_util.tree_map(np.shape, layers) == jax.tree_util.tree_map(np.shape, whole)
     assert _close(whole.params, layers.params)
     assert _close(whole.batch_stats, layers.batch_stats)
     assert _close(whole.opt_state, layers.opt_state)
     assert not _close(whole.params, variables["params"])
+    states = {}
     for cfg in (WHOLE, LAYERS):  # evaluation of the trained variables agrees too
         programs = ProgramCache().get(dna, data.layout, cfg)
         states[cfg.train_impl] = [
@@ -533,24 +546,7 @@ def shallow_skip_dna():
     """Input (3) → v1 (linear, conv, 5) → v2 (conv, 7) → v3 (conv, 7, plus an identity skip
     from v1) → output. v1's depth pads as v3's, and v3's true channels 5 and 6 have gradients:
     they must not reach v1's padding, which no BN zeroes again (v1 is linear)."""
-    V, E = D.Vertex, D.Edge
-    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
-    vertices = (V(0, "linear", "input"), V(1, "linear"), V(2, "bn_relu"), V(3, "bn_relu"))
-    dna = D.DNA(
-        vertices=(*vertices, V(4, "linear", "output")),
-        edges=(
-            E(5, 0, 1, depth_factor=5 / 3, **conv),
-            E(6, 1, 2, depth_factor=7 / 5, **conv),
-            E(7, 2, 3, **conv),
-            E(8, 1, 3, precedence=D.SKIP),
-            E(9, 3, 4, **conv),
-        ),
-        learning_rate=0.05,
-        input_channels=3,
-        num_classes=4,
-        next_id=10,
-    )
-    return D.validate(dna)
+    return convs_dna((5, 7, 7), ("linear", "bn_relu", "bn_relu"), [(1, 3)])
 
 
 def test_a_shallower_input_gets_no_gradient_in_its_padding(data):
@@ -562,11 +558,7 @@ def test_a_shallower_input_gets_no_gradient_in_its_padding(data):
     width = layerwise.stored_depths(arch, layerwise.CHANNEL_PADDING)
     assert [arch.shapes[v].depth for v in (1, 3)] == [5, 7] and width[1] == width[3]
     variables = M.init_variables(dna, KEY)
-    states = {}
-    for cfg in (WHOLE, LAYERS):
-        programs = ProgramCache().get(dna, data.layout, cfg)
-        states[cfg.train_impl] = run_training(programs, variables, data, KEY, 0.05, cfg)[0]
-    whole, layers = states["whole"], states["layerwise"]
+    whole, layers = _trained_both_ways(dna, variables, data)
     assert _close(whole.params, layers.params)
     assert _close(whole.batch_stats, layers.batch_stats)
     assert not _close(whole.params, variables["params"])
@@ -575,25 +567,7 @@ def test_a_shallower_input_gets_no_gradient_in_its_padding(data):
 def skips_dna(*sources: int):
     """Input (3) → v1 (conv, 8) → v2 (conv, 8) → v3 (conv, 8, plus identity skips from
     `sources`) → output (conv, 8)."""
-    V, E = D.Vertex, D.Edge
-    conv = dict(kind="conv", filter_half_height=1.0, filter_half_width=1.0)
-    vertices = (V(0, "linear", "input"), V(1, "bn_relu"), V(2, "bn_relu"), V(3, "bn_relu"))
-    skips = tuple(E(10 + s, s, 3, precedence=D.SKIP) for s in sources)
-    dna = D.DNA(
-        vertices=(*vertices, V(4, "linear", "output")),
-        edges=(
-            E(5, 0, 1, depth_factor=8 / 3, **conv),
-            E(6, 1, 2, **conv),
-            E(7, 2, 3, **conv),
-            *skips,
-            E(9, 3, 4, **conv),
-        ),
-        learning_rate=0.05,
-        input_channels=3,
-        num_classes=4,
-        next_id=20,
-    )
-    return D.validate(dna)
+    return convs_dna((8, 8, 8), ("bn_relu",) * 3, [(s, 3) for s in sources])
 
 
 def test_merges_compile_per_input_not_per_combination(data):
