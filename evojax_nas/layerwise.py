@@ -487,11 +487,11 @@ class LayerwiseNet:
         shapes.update(eval=shapes["train"], correct=sds((), jnp.int32))
         put = lambda v: jax.device_put(v, sharding)  # noqa: E731
         self._constants = {"train": put(True), "eval": put(False), "correct": put(jnp.int32(0))}
-        for vid in arch.order[1:]:  # true depths of merging vertices and inputs (`_merged`)
-            for e in arch.inputs[vid] if len(arch.inputs[vid]) > 1 else ():
-                for v in (vid, e.src):
-                    self._constants[f"depth{v}"] = put(jnp.int32(arch.shapes[v].depth))
-                    shapes[f"depth{v}"] = sds((), jnp.int32)
+        merging = [v for v in arch.order[1:] if len(arch.inputs[v]) > 1]
+        identity = {e.src for v in merging for e in arch.inputs[v][1:] if not e.is_conv}
+        for v in sorted({*merging, *identity}):  # true depths a merge needs (`_merged`)
+            self._constants[f"depth{v}"] = put(jnp.int32(arch.shapes[v].depth))
+            shapes[f"depth{v}"] = sds((), jnp.int32)
         self._memo: dict[int, tuple[Any, Any]] = {}  # id(true-shaped array) → (it, padded)
 
         def emit(train: bool, compiled, ins, outs) -> None:
@@ -511,19 +511,20 @@ class LayerwiseNet:
             """The slot of the true depth of edge `e`'s output (a conv's is its vertex's)."""
             return f"depth{e.dst if e.is_conv else e.src}"
 
+        def output_of(e) -> str:
+            """The slot of edge `e`'s output: its convolution's, or its source's activation."""
+            return f"e{e.id}" if e.is_conv else f"a{e.src}"
+
         def forward(train: bool) -> dict[int, str]:
             """Emits the forward; returns each vertex's merged input (BN's input, if any)."""
             merged = {}
             for vid in arch.order[1:]:
-                ins = []
+                ins = [output_of(e) for e in arch.inputs[vid]]
                 for e in arch.inputs[vid]:
                     if e.is_conv:
                         stride = 2**e.stride_log2
                         w = f"params/{conv_name(e.id)}/kernel"
-                        op(train, conv_fwd, (impl, stride), [f"a{e.src}", w], [f"e{e.id}"])
-                        ins.append(f"e{e.id}")
-                    else:
-                        ins.append(f"a{e.src}")
+                        op(train, conv_fwd, (impl, stride), [f"a{e.src}", w], [output_of(e)])
                 acc = ins[0]
                 for k, e in enumerate(arch.inputs[vid][1:], 1):
                     out = f"s{vid}:{k}"
@@ -579,8 +580,7 @@ class LayerwiseNet:
             # zero, BN's padded scale is, a merge cuts it to the input's depth)
             grads = [f"g:{vid}:0"] + [f"g:{vid}:{k}" for k in range(1, len(edges))]
             for k, e in enumerate(edges[1:], 1):
-                x = f"e{e.id}" if e.is_conv else f"a{e.src}"
-                ins = [x, f"g:{vid}:0", depth_of(e), f"depth{vid}"]
+                ins = [output_of(e), f"g:{vid}:0", depth_of(e), f"depth{vid}"]
                 op(True, merge_bwd, (), ins, [grads[k]])
             for e, g in zip(edges, grads, strict=True):
                 need_dx = e.src != input_vid
