@@ -337,8 +337,8 @@ def compile_programs(
 
 # ------------------------------------------------------------------ sharing through the store
 
-# The only globals a serialized executable may name (observed in JAX 0.10); anything else
-# refuses the file, and the worker compiles the program itself.
+# The only globals a serialized executable may name (observed in JAX 0.10; AutoLayoutSingleton
+# since JAX 0.11); anything else refuses the file, and the worker compiles the program itself.
 _ALLOWED_GLOBALS = {
     ("jax", "P"),
     ("jax._src.core", "ManualAxisType"),
@@ -346,6 +346,7 @@ _ALLOWED_GLOBALS = {
     ("jax._src.core", "ShapedArray"),
     ("jax._src.interpreters.pxla", "AllArgsInfo"),
     ("jax._src.interpreters.pxla", "UnloadedMeshExecutable"),
+    ("jax._src.layout", "AutoLayoutSingleton"),
     ("jax._src.layout", "Layout"),
     ("jax._src.linear_util", "DebugInfo"),
     ("jax._src.mesh", "AbstractMesh"),

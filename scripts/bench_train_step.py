@@ -20,6 +20,7 @@ Variants are timed in turn within each repeat, so that the ratios see the same m
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -44,7 +45,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=None, help="steps per repeat (conv4 10, conv8 3)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--steps-per-dispatch",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="training steps per compiled call, one variant each (default: the steps per "
+        "repeat, as evolution's chunks; at most the synthetic set's 20 batches)",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument(
+        "--torch-device",
+        default="cpu",
+        help="where the PyTorch baseline runs: cpu (default) or cuda (a GPU, as JAX there)",
+    )
     p.add_argument(
         "--xla-flags",
         default=None,
@@ -80,7 +95,9 @@ class Timed:
         self.times: list[float] = []
 
 
-def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[str, float]]:
+def jax_variant(
+    dna, impl: str, dataset, steps_hint: int, per_call: int | None = None
+) -> tuple[Timed, dict[str, float]]:
     import jax
 
     from evojax_nas import conv as conv_lib
@@ -92,7 +109,8 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
     from evojax_nas.train import make_optimizer as optimizer
 
     conv_impl = impl.removesuffix("-default").removesuffix("-dilated").removesuffix("-maxrelu")
-    per_call = max(1, min(100, steps_hint))  # chunks as long as the timed runs: no waste
+    name = f"jax {impl}" + (f" k={per_call}" if per_call else "")
+    per_call = per_call or max(1, min(100, steps_hint))  # chunks as long as the timed runs
     config = TrainConfig(
         steps=steps_hint, batch_size=50, conv_impl=conv_impl, steps_per_dispatch=per_call
     )
@@ -136,36 +154,40 @@ def jax_variant(dna, impl: str, dataset, steps_hint: int) -> tuple[Timed, dict[s
 
     run(1)  # the first dispatch allocates; keep it out of the timings
     timings = {"init": t1 - t0, "compile": t2 - t1}
-    return Timed(f"jax {impl}", run, programs.flops_train_step), timings
+    return Timed(name, run, programs.flops_train_step), timings
 
 
-def torch_variant(dna, dataset, flops: float) -> Timed:
+def torch_variant(dna, dataset, flops: float, device: str = "cpu") -> Timed:
+    """PyTorch eager on `device`; the data lives there, as ours does on JAX's device."""
     import torch
 
     torch.manual_seed(0)
-    model = TorchNet(dna, torch).to(memory_format=torch.channels_last)
+    dev = torch.device(device)
+    model = TorchNet(dna, torch).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    mean = torch.tensor([125.0, 123.0, 114.0]).view(1, 3, 1, 1)
-    std = torch.tensor([63.0, 62.0, 66.0]).view(1, 3, 1, 1)
-    x_all = torch.from_numpy(dataset.x_train).permute(0, 3, 1, 2).float()
-    y_all = torch.from_numpy(dataset.y_train).long()
-    gen = torch.Generator().manual_seed(0)
+    mean = torch.tensor([125.0, 123.0, 114.0], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([63.0, 62.0, 66.0], device=dev).view(1, 3, 1, 1)
+    x_all = torch.from_numpy(dataset.x_train).permute(0, 3, 1, 2).float().to(dev)
+    y_all = torch.from_numpy(dataset.y_train).long().to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
 
     def run(steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            idx = torch.randint(0, len(y_all), (50,), generator=gen)
+            idx = torch.randint(0, len(y_all), (50,), generator=gen, device=dev)
             xb = (x_all[idx] - mean) / std
-            flip = torch.rand(50, 1, 1, 1, generator=gen) < 0.5
+            flip = torch.rand(50, 1, 1, 1, generator=gen, device=dev) < 0.5
             xb = torch.where(flip, xb.flip(3), xb).contiguous(memory_format=torch.channels_last)
             loss = torch.nn.functional.cross_entropy(model(xb), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the GPU runs behind the Python loop
         return time.perf_counter() - start
 
     run(1)
-    return Timed("torch eager", run, flops)
+    return Timed(f"torch eager {dev.type}", run, flops)
 
 
 def TorchNet(dna, torch):  # noqa: N802 - builds a class only when torch is there
@@ -265,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
     print(
         f"jax {jax.__version__} on {jax.default_backend()} ({os.cpu_count()} CPUs)"
-        + (f", torch {torch.__version__}" if use_torch else "")
+        + (f", torch {torch.__version__} on {args.torch_device}" if use_torch else "")
         + f", XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     )
     dataset = synthetic_dataset()
@@ -273,12 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         dna = load_dna(net)
         steps = args.steps or {"conv4": 10, "conv8": 3}[net]
         variants: list[Timed] = []
-        for impl in args.impls:
-            v, t = jax_variant(dna, impl, dataset, steps)
+        for impl, per_call in itertools.product(args.impls, args.steps_per_dispatch or [None]):
+            v, t = jax_variant(dna, impl, dataset, steps, per_call)
             print(f"{net} {v.name}: init {t['init']:.3f} s, trace+compile {t['compile']:.2f} s")
             variants.append(v)
         if use_torch:
-            variants.append(torch_variant(dna, dataset, variants[0].flops))
+            variants.append(torch_variant(dna, dataset, variants[0].flops, args.torch_device))
         for _ in range(args.repeats):
             for v in variants:
                 v.times.append(v.run(steps))
