@@ -112,9 +112,11 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
     platform = platform or jax.default_backend()
     if platform != "cpu":
         return conv_compiler_options(platform)
+    # Those this jaxlib still has (`xla_backend.option_known`): the rest compile as XLA's default.
+    layer = {k: v for k, v in CPU_LAYER_OPTIONS.items() if xla_backend.option_known(k, v)}
     if "avx512f" in host_cpu_flags():
-        return {**CPU_LAYER_OPTIONS}
-    options = {**conv_compiler_options(platform), **CPU_LAYER_OPTIONS}
+        return layer
+    options = {**conv_compiler_options(platform), **layer}
     if xla_backend.install():
         options[xla_backend.EXTRA_OPTIONS] = ",".join(CPU_LAYER_BACKEND_OPTIONS)
     return options

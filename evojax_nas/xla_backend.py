@@ -96,3 +96,32 @@ def install() -> bool:
             compiler.get_compile_options = get_compile_options
         _installed.append(ok)
         return ok
+
+
+_known: dict[tuple[str, object], bool] = {}
+
+
+def option_known(name: str, value: object) -> bool:
+    """Whether this jaxlib's XLA:CPU takes the compile option `name` (a scalar `value`).
+
+    XLA's options come and go between releases, and compiling with one it no longer has fails
+    ("No such compile option": jaxlib 0.11 dropped `xla_cpu_use_fusion_emitters`). One tiny
+    compile per option and process answers it; any other failure is raised.
+    """
+    with _lock:
+        if (name, value) in _known:
+            return _known[name, value]
+    import jax
+    import numpy as np
+
+    x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+    try:
+        jax.jit(lambda v: v + 1, compiler_options={name: value}).lower(x).compile()
+        known = True
+    except Exception as exc:
+        if "No such compile option" not in str(exc):
+            raise
+        known = False
+    with _lock:
+        _known[name, value] = known
+    return known

@@ -81,3 +81,20 @@ def test_without_install_xla_refuses_the_key():
         backend.compile_and_load(
             lowered.as_text(), xla_client.DeviceList(tuple(jax.devices()[:1])), options
         )
+
+
+def test_options_this_xla_does_not_have_are_left_out_of_layer_programs(monkeypatch):
+    """An option a newer jaxlib dropped (`xla_cpu_use_fusion_emitters` in 0.11) would fail every
+    layer program's compile; `option_known` asks XLA once and the layer options leave it out."""
+    from evojax_nas import layerwise
+
+    assert xla_backend.option_known("xla_cpu_enable_fast_math", False)
+    assert not xla_backend.option_known("xla_cpu_no_such_option_here", True)
+    gone = {"xla_cpu_no_such_option_here": True}
+    monkeypatch.setattr(layerwise, "CPU_LAYER_OPTIONS", gone)
+    options = layerwise.compiler_options("cpu")
+    assert "xla_cpu_no_such_option_here" not in options
+    program = jax.jit(lambda x: x * 2, compiler_options=options).lower(jnp.ones(3)).compile()
+    np.testing.assert_array_equal(program(jnp.ones(3)), 2 * np.ones(3))
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(lambda x: x * 2, compiler_options=gone).lower(jnp.ones(3)).compile()
