@@ -35,8 +35,9 @@ def add_command(sub) -> None:
         "--workers",
         type=workers_arg,
         default="auto",
-        help="local worker processes, or auto (default): one per accelerator chip, each seeing "
-        "only its own; on a CPU the config's number",
+        help="local worker processes, or auto (default): one per TPU chip, up to 4 per GPU, "
+        "each seeing only its own chip; on a CPU the config's number (a count on a GPU host: "
+        "spread over the GPUs)",
     )
     p.add_argument("--steps", type=positive_int, help="training steps per individual")
     p.add_argument(
@@ -44,7 +45,8 @@ def add_command(sub) -> None:
         choices=TRAIN_IMPLS,
         help="whole: one compiled program per architecture; layerwise: per-layer programs "
         "compiled once per run (fewer compiles, slower steps: for few steps per child); "
-        "auto (the configs' default): layerwise on a CPU up to 1000 steps per child",
+        "auto (the configs' default): layerwise on a CPU up to 1000 steps per child, on a GPU "
+        "up to 500",
     )
     p.add_argument(
         "--max-children", type=int, help="stop after this many children in the whole run"
@@ -88,8 +90,8 @@ def add_command(sub) -> None:
         "--workers",
         type=workers_arg,
         default="auto",
-        help="worker processes on this machine, or auto (default): one per accelerator chip, "
-        "each seeing only its own (one on a CPU)",
+        help="worker processes on this machine, or auto (default): one per TPU chip, up to 4 "
+        "per GPU, each seeing only its own chip (one on a CPU)",
     )
     w.add_argument("--restart", action="store_true", help="restart a worker process that dies")
     w.set_defaults(handler=run_join)
@@ -121,12 +123,14 @@ def add_command(sub) -> None:
 
 
 def run_evolve(args: argparse.Namespace) -> int:
-    from evojax_nas.devices import describe_plan, plan
+    from evojax_nas.devices import describe_plan, explicit_plan, plan
     from evojax_nas.runner import check_run_inputs, create_run, evolve
 
     base = load_config(args.config)
-    # auto: one worker per chip; an explicit count: every worker sees every device, as before
-    envs = plan(base.workers) if args.workers == "auto" else None
+    # auto: one worker per chip (several per GPU); an explicit count: spread over the GPUs,
+    # elsewhere every worker sees every device, as before
+    auto = args.workers == "auto"
+    envs = plan(base.workers) if auto else explicit_plan(args.workers)
     cfg = with_overrides(
         base,
         dataset=args.dataset,
@@ -154,7 +158,7 @@ def run_evolve(args: argparse.Namespace) -> int:
         flush=True,
     )
     if envs is not None:
-        print(f"workers auto: {describe_plan(envs)}", flush=True)
+        print(f"workers{' auto' * auto}: {describe_plan(envs)}", flush=True)
     try:
         progress = evolve(out, cfg, verbose=args.verbose, checked=True, worker_envs=envs)
     except KeyboardInterrupt as exc:
@@ -197,6 +201,7 @@ def run_join(args: argparse.Namespace) -> int:
         apply,
         describe_plan,
         discover,
+        explicit_plan,
         plan,
         run_worker_processes,
         with_cpu_shares,
@@ -211,7 +216,10 @@ def run_join(args: argparse.Namespace) -> int:
     if budget.spent:
         print(f"run {args.store} is finished ({budget.spent}): nothing to do")
         return 0
-    envs = plan(1) if args.workers == "auto" else [{}] * args.workers
+    if args.workers == "auto":
+        envs = plan(1)
+    else:
+        envs = explicit_plan(args.workers) or [{}] * args.workers
     if len(envs) > 1:  # one `worker` process per chip (or per --workers), each with its env
         print(f"{args.store}: {describe_plan(envs)}", flush=True)
         extra = []

@@ -55,7 +55,8 @@ def add_command(sub) -> None:
         choices=TRAIN_IMPLS,
         default="auto",
         help="whole: one compiled program; layerwise: per-layer programs; auto (default): as "
-        "a run with these --steps trains its children (layerwise on a CPU up to 1000 steps)",
+        "a run with these --steps trains its children (layerwise on a CPU up to 1000 steps, on a "
+        "GPU up to 500)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=run)

@@ -57,10 +57,10 @@ class EvolutionConfig:
     resume_interval_seconds: float | None = 300.0
     # How a child's training runs: "whole" (one compiled program per architecture),
     # "layerwise" (small programs per layer signature, compiled once for the whole run:
-    # evojax_nas/layerwise.py), or "auto": layerwise on a CPU for up to 1,000 steps per child,
-    # whole otherwise (measured: README, "Layer-wise training"). The two agree to float
-    # rounding, not bit for bit; a replay resolves "auto" as the run did (same platform and
-    # steps).
+    # evojax_nas/layerwise.py), or "auto": layerwise on a CPU for up to 1,000 steps per child
+    # and on a GPU up to 500, whole otherwise (README, "Layer-wise training", "GPU"). The two
+    # agree to float rounding, not bit for bit; a replay resolves "auto" as the run did (same
+    # platform and steps).
     train_impl: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,10 +6,10 @@ static numbers, argument shapes) and reused by every later architecture that has
 the same signature. A new architecture then compiles only the layers no earlier one had: on the
 default job's architectures compiling took 65 s instead of 389 s, while training took 1.2x as
 long (`scripts/bench_layerwise.py`; README, "Layer-wise training"). `train_impl: "auto"` picks
-this on a CPU for short training (`evolution.resolve_train_impl`). Each worker keeps the layer
-programs it used (`programs.ProgramCache.layers`), and shares those it compiled with the other
-workers of the run through the run's store (`programs.SharedLayers`): a signature is compiled
-once per run, not once per worker.
+this on a CPU or GPU for short training (`evolution.resolve_train_impl`). Each worker keeps the
+layer programs it used (`programs.ProgramCache.layers`), and shares those it compiled with the
+other workers of the run through the run's store (`programs.SharedLayers`): a signature is
+compiled once per run, not once per worker.
 
 A step, for a DNA resolved by `evojax_nas.architecture`:
 

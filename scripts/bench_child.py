@@ -6,9 +6,10 @@
     .venv/bin/python scripts/bench_child.py --tiny                 # seconds: the test's mode
     .venv/bin/python scripts/bench_child.py --concurrent 2 --rounds 3  # cores shared or not
 
-CPU (default): one worker, in this process, produces `--children` children from a seeded
-sequence of events of the quick config (mnist5k, 200 steps per child, population 10, the
-training implementation `auto` picks: layer-wise on a CPU at 200 steps) into a fresh local
+CPU (default; on a host with a GPU, JAX's default device is the GPU and it runs there): one
+worker, in this process, produces `--children` children from a seeded sequence of events of the
+quick config (mnist5k, 200 steps per child, population 10, the training implementation `auto`
+picks: layer-wise on a CPU or GPU at 200 steps) into a fresh local
 store, exactly as `evojax-nas worker` does (data on the device once; with `--train-impl whole`,
 programs shared through the store). It prints the wall time split into selection, parent load,
 mutation, compiled programs (compile, load or wait), training, evaluation, download and

@@ -80,7 +80,10 @@ def test_auto_train_impl_resolves_by_platform_and_steps():
     from evojax_nas.evolution import LAYERWISE_MAX_STEPS, resolve_train_impl
 
     assert resolve_train_impl("auto", 200, "cpu") == "layerwise"
-    assert resolve_train_impl("auto", LAYERWISE_MAX_STEPS + 1, "cpu") == "whole"
+    assert resolve_train_impl("auto", LAYERWISE_MAX_STEPS["cpu"] + 1, "cpu") == "whole"
+    assert resolve_train_impl("auto", 200, "gpu") == "layerwise"  # the quick job on a GPU
+    assert resolve_train_impl("auto", LAYERWISE_MAX_STEPS["gpu"] + 1, "gpu") == "whole"
+    assert resolve_train_impl("auto", 25_600, "gpu") == "whole"  # the paper's
     assert resolve_train_impl("auto", 200, "tpu") == "whole"
     assert resolve_train_impl("whole", 200, "cpu") == "whole"
     assert resolve_train_impl("layerwise", 25_600, "tpu") == "layerwise"

@@ -19,6 +19,25 @@ def test_gpu_workers_each_see_one_gpu_and_do_not_preallocate():
     assert [e[ASSIGNED] for e in envs] == ["gpu:0", "gpu:1", "gpu:2"]
 
 
+def test_several_workers_share_a_gpu_spread_over_the_gpus_in_turn():
+    """auto: up to GPU_WORKERS_PER_CHIP per GPU, no more than the host's cores; an explicit
+    count: that many, on GPUs only (elsewhere every worker sees every device, as before)."""
+    two = Chips("gpu", ("0", "1"))
+    envs = devices.plan(1, two, cores=16)
+    assert [e[ASSIGNED] for e in envs] == ["gpu:0", "gpu:1"] * devices.GPU_WORKERS_PER_CHIP
+    assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for e in envs)
+    assert len(devices.plan(1, two, cores=4)) == 4  # two cores per GPU: two workers each
+    assert len(devices.plan(1, two, cores=1)) == 2  # never fewer than one per GPU
+    assert len(devices.plan(1, Chips("tpu", ("0", "1")), cores=16)) == 2  # TPU: one per chip
+    assert devices.plan(3, Chips("cpu"), cores=16) == [{ASSIGNED: "cpu"}] * 3
+    assert "8 workers, on 2 chip(s): gpu:0, gpu:1" in devices.describe_plan(envs)
+    three = devices.explicit_plan(3, two)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in three] == ["0", "1", "0"]
+    assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for e in three)
+    assert devices.explicit_plan(3, Chips("cpu")) is None
+    assert devices.explicit_plan(3, Chips("tpu", ("0",))) is None
+
+
 def test_tpu_workers_are_single_chip_processes_with_their_own_port():
     envs = worker_envs("tpu", ["0", "1", "2", "3"], cpu_workers=1)
     assert [e["TPU_VISIBLE_CHIPS"] for e in envs] == ["0", "1", "2", "3"]
