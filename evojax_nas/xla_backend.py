@@ -106,17 +106,24 @@ def option_known(name: str, value: object) -> bool:
 
     XLA's options come and go between releases, and compiling with one it no longer has fails
     ("No such compile option": jaxlib 0.11 dropped `xla_cpu_use_fusion_emitters`). One tiny
-    compile per option and process answers it; any other failure is raised.
+    compile per option and process answers it, handed to the CPU client directly: not one of
+    JAX's compiles (no persistent cache, no compile events). Any other failure is raised.
     """
     with _lock:
         if (name, value) in _known:
             return _known[name, value]
     import jax
     import numpy as np
+    from jax._src import compiler
+    from jax._src.lib import xla_client
 
-    x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+    device = jax.devices("cpu")[0]
+    text = jax.jit(lambda v: v + 1).lower(np.float32(0)).as_text()
+    options = compiler.get_compile_options(
+        num_replicas=1, num_partitions=1, env_options_overrides={name: value}
+    )
     try:
-        jax.jit(lambda v: v + 1, compiler_options={name: value}).lower(x).compile()
+        device.client.compile_and_load(text, xla_client.DeviceList((device,)), options)
         known = True
     except Exception as exc:
         if "No such compile option" not in str(exc):
