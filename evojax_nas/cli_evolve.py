@@ -36,8 +36,8 @@ def add_command(sub) -> None:
         type=workers_arg,
         default="auto",
         help="local worker processes, or auto (default): one per TPU chip, up to 4 per GPU, "
-        "each seeing only its own chip; on a CPU the config's number (a count on a GPU host: "
-        "spread over the GPUs)",
+        "each seeing only its own chip; on a CPU the config's number (a count: spread over "
+        "the GPUs, one TPU chip each)",
     )
     p.add_argument("--steps", type=positive_int, help="training steps per individual")
     p.add_argument(
@@ -128,7 +128,7 @@ def run_evolve(args: argparse.Namespace) -> int:
 
     base = load_config(args.config)
     # auto: one worker per chip (several per GPU); an explicit count: spread over the GPUs,
-    # elsewhere every worker sees every device, as before
+    # one TPU chip each, on a CPU sharing the cores (`devices.explicit_plan`)
     auto = args.workers == "auto"
     envs = plan(base.workers) if auto else explicit_plan(args.workers)
     cfg = with_overrides(

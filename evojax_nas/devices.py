@@ -36,6 +36,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from evojax_nas.errors import ConfigError
+
 PLATFORMS = ("cpu", "gpu", "tpu")
 # Workers per GPU under `--workers auto` (fewer where the host has fewer cores than that per
 # GPU): a worker's GPU idles while it compiles, mutates and publishes on the host, and the
@@ -246,11 +248,24 @@ def plan(
 def explicit_plan(workers: int, chips: Chips | None = None) -> list[dict[str, str]] | None:
     """The environments of ``--workers N``: on a GPU host N workers spread over the GPUs (each
     seeing one, none preallocating its memory: without that a second process on a GPU finds
-    three quarters of it taken); elsewhere None: every worker sees every device, as before."""
+    three quarters of it taken); on a TPU host one chip each, N at most the chips (a chip has
+    one owner: a second process on it fails); on a CPU None (the workers share the cores,
+    `with_cpu_shares`).
+
+    Raises:
+        ConfigError: More workers than a TPU host has chips.
+    """
     chips = discover() if chips is None else chips
-    if chips.platform != "gpu":
-        return None
-    return worker_envs("gpu", chips.ids, workers, gpu_workers=workers)
+    if chips.platform == "gpu":
+        return worker_envs("gpu", chips.ids, workers, gpu_workers=workers)
+    if chips.platform == "tpu":
+        if workers > len(chips.ids):
+            raise ConfigError(
+                f"--workers {workers}: this host has {len(chips.ids)} TPU chip(s), and a chip "
+                "takes one worker process (--workers auto: one per chip)"
+            )
+        return worker_envs("tpu", chips.ids[:workers], workers)
+    return None
 
 
 def describe_plan(envs: Sequence[Mapping[str, str]]) -> str:

@@ -35,7 +35,15 @@ def test_several_workers_share_a_gpu_spread_over_the_gpus_in_turn():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in three] == ["0", "1", "0"]
     assert all(e["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for e in three)
     assert devices.explicit_plan(3, Chips("cpu")) is None
-    assert devices.explicit_plan(3, Chips("tpu", ("0",))) is None
+
+
+def test_an_explicit_count_on_a_tpu_host_gives_each_worker_a_chip_of_its_own():
+    from evojax_nas.errors import ConfigError
+
+    four = Chips("tpu", ("0", "1", "2", "3"))
+    assert [e["TPU_VISIBLE_CHIPS"] for e in devices.explicit_plan(2, four)] == ["0", "1"]
+    with pytest.raises(ConfigError, match="4 TPU chip"):
+        devices.explicit_plan(5, four)
 
 
 def test_tpu_workers_are_single_chip_processes_with_their_own_port():
