@@ -135,6 +135,7 @@ def _unpack(packed: Any, leaves: Any) -> dict:
     """
     if not isinstance(packed, dict) or not isinstance(leaves, list):
         raise CheckpointError("not a packed checkpoint")
+    packed = {name: np.asarray(flat) for name, flat in packed.items()}
     offsets = dict.fromkeys(packed, 0)
     out: dict = {}
     for leaf in leaves:
@@ -156,13 +157,13 @@ def _unpack(packed: Any, leaves: Any) -> dict:
             raise CheckpointError(f"leaf {path}: no {name!r} arrays, or no shape")
         if not all(isinstance(d, int) and d >= 0 for d in shape):
             raise CheckpointError(f"leaf {path}: bad shape {shape}")
-        flat, start = np.asarray(packed[name]), offsets[name]
+        flat, start = packed[name], offsets[name]
         size = math.prod(shape)
         if flat.ndim != 1 or flat.dtype.name != name or start + size > flat.size:
             raise CheckpointError(f"leaf {path}: {name}{shape} does not fit its packed array")
         node[path[-1]] = flat[start : start + size].reshape(shape)
         offsets[name] = start + size
-    if any(offsets[name] != np.asarray(packed[name]).size for name in packed):
+    if any(offsets[name] != flat.size for name, flat in packed.items()):
         raise CheckpointError("packed arrays longer than their leaves")
     return out
 
