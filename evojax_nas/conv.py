@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from evojax_nas import xla_backend
+
 IMPLS = ("auto", "xla", "custom")
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -96,6 +98,8 @@ def _instruction_set(flags: frozenset[str]) -> str:
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 # YNNPACK dots and reductions, XLA's Eigen convolutions (its YNNPACK convolution fusion off).
 DOTS_AND_REDUCTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+# Whole programs' XLA:CPU options (`compiler_options`).
+CPU_OPTIONS: dict[str, str] = {YNN_FUSION_TYPE: DOTS_AND_REDUCTIONS}
 
 
 def compiler_options(backend: str | None = None) -> dict[str, str]:
@@ -114,11 +118,12 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     Only the AVX-512 host measured the reductions' speed. Layer-wise training keeps its own
     options (`layerwise.compiler_options`).
     Per program, unlike XLA_FLAGS, which binds the whole process and only when set before the
-    backend starts.
+    backend starts. Only those this jaxlib has (`xla_backend.known_options`): XLA drops options
+    between releases, and one it no longer has would fail every compile.
     """
     if (backend or jax.default_backend()) != "cpu":
         return {}
-    return {YNN_FUSION_TYPE: DOTS_AND_REDUCTIONS}
+    return xla_backend.known_options(CPU_OPTIONS)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:

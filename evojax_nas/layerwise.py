@@ -112,8 +112,8 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
     platform = platform or jax.default_backend()
     if platform != "cpu":
         return conv_compiler_options(platform)
-    # Those this jaxlib still has (`xla_backend.option_known`): the rest compile as XLA's default.
-    layer = {k: v for k, v in CPU_LAYER_OPTIONS.items() if xla_backend.option_known(k, v)}
+    # Those this jaxlib still has (`xla_backend.known_options`): the rest compile as XLA's default.
+    layer = xla_backend.known_options(CPU_LAYER_OPTIONS)
     if "avx512f" in host_cpu_flags():
         return layer
     options = {**conv_compiler_options(platform), **layer}

@@ -132,3 +132,9 @@ def option_known(name: str, value: object) -> bool:
     with _lock:
         _known[name, value] = known
     return known
+
+
+def known_options(options: dict) -> dict:
+    """`options` without the XLA:CPU options this jaxlib does not have (`option_known`): those
+    compile as XLA's default instead of failing every program. `EXTRA_OPTIONS` is kept."""
+    return {k: v for k, v in options.items() if k == EXTRA_OPTIONS or option_known(k, v)}

@@ -285,3 +285,17 @@ def test_compiler_options_follow_the_target(monkeypatch):
             )
         }
         assert C.compiler_options("tpu") == {} and C.compiler_options("gpu") == {}
+
+
+def test_whole_program_options_this_xla_does_not_have_are_left_out(monkeypatch):
+    """An option a later jaxlib drops would fail every whole program's compile: it is left out
+    (`xla_backend.known_options`), and the program compiles and runs with the rest."""
+    gone = {"xla_cpu_no_such_option_here": True}
+    monkeypatch.setattr(C, "CPU_OPTIONS", {**C.CPU_OPTIONS, **gone})
+    options = C.compiler_options("cpu")
+    assert options == {C.YNN_FUSION_TYPE: C.DOTS_AND_REDUCTIONS}
+    x, w = jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+    program = jax.jit(lambda x, w: C.conv2d(x, w, 1), compiler_options=options)
+    np.testing.assert_allclose(program(x, w), C.xla_conv2d(x, w, 1), rtol=1e-6)
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(lambda x: x * 2, compiler_options=gone).lower(jnp.ones(3)).compile()
