@@ -564,6 +564,7 @@ class SignatureRecorder:
 
     def __init__(self):
         self.signatures: dict = {}
+        self._outputs: dict = {}  # signature -> its stand-in, traced once (a run repeats most)
 
     def get(self, factory, statics: tuple, args: list):
         import types
@@ -571,8 +572,11 @@ class SignatureRecorder:
         import jax
 
         sig = (factory.__name__, statics, tuple((tuple(a.shape), str(a.dtype)) for a in args))
-        self.signatures.setdefault(sig, (factory, statics, list(args)))
-        return types.SimpleNamespace(out_info=jax.eval_shape(factory(*statics), *args))
+        if sig not in self._outputs:
+            self.signatures[sig] = (factory, statics, list(args))
+            out_info = jax.eval_shape(factory(*statics), *args)
+            self._outputs[sig] = types.SimpleNamespace(out_info=out_info)
+        return self._outputs[sig]
 
 
 def by_op(args) -> dict:
