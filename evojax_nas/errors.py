@@ -40,6 +40,12 @@ class NotFoundError(StoreError):
     """An individual, record or checkpoint does not exist in the store."""
 
 
+class PublishingError(EvojaxNasError):
+    """A worker's publications keep failing for a reason that is not the store's (e.g. a
+    checkpoint library this code does not work with): it stops rather than train children that
+    are all lost."""
+
+
 class CheckpointError(EvojaxNasError):
     """A weight checkpoint is missing, corrupt, or does not match its DNA."""
 

@@ -33,6 +33,7 @@ from evojax_nas.errors import (
     CorruptObjectError,
     DNAError,
     NotFoundError,
+    PublishingError,
     StoreError,
 )
 from evojax_nas.keys import (  # noqa: F401
@@ -141,6 +142,10 @@ Evaluator = Callable[[dna_lib.DNA, Any, jax.Array], TrainResult]
 
 # What an individual can be wrong with: it is killed, the worker goes on.
 BAD_INDIVIDUAL = (CorruptObjectError, CheckpointError, DNAError, MutationError)
+# Publications in a row that failed for a reason other than storage (`StoreError`, `OSError`):
+# then the fault is this installation's, not one child's, and the worker stops
+# (`PublishingError`) instead of training children that are all lost.
+PUBLISH_FAILURES_IN_A_ROW = 3
 MAX_VARIABLE_BYTES = 1 << 31  # 2 GiB of float32 variables: far beyond the paper's largest model
 
 
@@ -304,7 +309,9 @@ class Worker:
     Nothing a single individual, meta file or storage hiccup does ends the worker: a lost
     race abandons the event; an individual that cannot be loaded, fitted to the data or
     trained is killed with its reason logged; a storage failure that outlived the store's
-    retries abandons the event. Only errors of the run's own config propagate.
+    retries abandons the event. Only errors of the run's own config propagate, and
+    `PublishingError` once `PUBLISH_FAILURES_IN_A_ROW` publications in a row failed for a
+    reason other than storage (this installation cannot publish anything).
     """
 
     store: Store
@@ -326,10 +333,16 @@ class Worker:
         default=None, repr=False
     )
     _lost: set[str] = dataclasses.field(default_factory=set, repr=False)  # publications failed
+    _failed_in_a_row: int = 0  # publications failed, not for storage, since the last success
 
     def settle(self) -> str | None:
         """Waits for the child being published in the background, if any. Returns its id if
-        its publication failed (logged; the child is lost, its children are abandoned)."""
+        its publication failed (logged; the child is lost, its children are abandoned).
+
+        Raises:
+            PublishingError: the last `PUBLISH_FAILURES_IN_A_ROW` publications all failed, for
+                a reason other than storage (which a later publication may outlive).
+        """
         self._start_publication()
         pub, self._publication = self._publication, None
         if pub is None:
@@ -338,6 +351,7 @@ class Worker:
             pub.future.result()
             if pub.kill is not None:
                 pub.kill.result()  # never raises: `_kill_published` logs what fails
+            self._failed_in_a_row = 0
             return None
         except Exception as exc:
             ind_id = pub.member.id
@@ -345,7 +359,21 @@ class Worker:
             self._lost.add(ind_id)
             self.known.discard(ind_id)
             self.children -= 1
+            self._publication_failed(exc)
             return ind_id
+
+    def _publication_failed(self, exc: BaseException) -> None:
+        """Counts a failed publication; raises `PublishingError` at the limit."""
+        if isinstance(exc, StoreError | OSError):
+            return  # the store's fault: a later publication may outlive it
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= PUBLISH_FAILURES_IN_A_ROW:
+            raise PublishingError(
+                f"worker {self.worker_id}: the last {self._failed_in_a_row} publications "
+                f"failed, the last with {type(exc).__name__}: {exc}; not a storage fault, so "
+                "every child would be lost: check that the installed jax, flax and "
+                "orbax-checkpoint are the versions this package asks for (pip install -e .)"
+            ) from exc
 
     def close(self) -> None:
         """Settles the publication in flight and stops the publishing thread."""
@@ -532,6 +560,8 @@ class Worker:
         parent = lambda: ev.decision.parent  # noqa: E731  (decided inside fn)
         try:
             return fn(), None
+        except PublishingError:
+            raise  # not this event's fault: the worker cannot publish anything
         except ConcurrencyError as exc:
             return None, self._abandon(ev, exc)
         except NotFoundError as exc:
@@ -721,7 +751,12 @@ class Worker:
         variables = result.variables  # host arrays no one changes; `known` keeps a copy
         args = (p.ind_id, dna_lib.to_dict(p.dna), record, result.val_accuracy, variables)
         if not self.background_publish:
-            self.store.publish(*args)
+            try:
+                self.store.publish(*args)
+            except Exception as exc:
+                self._publication_failed(exc)  # at the limit, PublishingError instead
+                raise
+            self._failed_in_a_row = 0
         else:  # started by the next child's training (or `settle`)
             member = Member(p.ind_id, float(result.val_accuracy), time.time_ns())
             self._publication = _Publication(member, args)
